@@ -1,0 +1,14 @@
+# The two set-up commands of the README. Both install what they need first.
+PYTHON ?= python
+
+.PHONY: install demo test
+
+install:
+	$(PYTHON) -m pip install -q -r requirements/cpu.txt
+	$(PYTHON) -m pip install -q -e ".[all]"
+
+demo: install
+	lampretrain demo
+
+test: install
+	$(PYTHON) -m pytest -q

@@ -1,0 +1,1 @@
+"""Small pure functions and thin modules shared by the backbones."""

@@ -65,21 +65,9 @@ def angles_per_atom(nl: NeighborList, n_atoms: int, three_body_cutoff: float) ->
     return k * (k - 1)
 
 
-def count_edges_and_angles(
-    positions: np.ndarray,
-    cell: np.ndarray | None,
-    pbc: np.ndarray,
-    cutoff: float,
-    three_body_cutoff: float,
-) -> tuple[int, int]:
-    """(directed edges within ``cutoff``, angles within ``three_body_cutoff``) for one structure."""
-    nl = neighbor_list(positions, cell, pbc, max(cutoff, three_body_cutoff))
+def graph_counts(nl: NeighborList, n_atoms: int, cutoff: float, three_body_cutoff: float) -> tuple[int, int]:
+    """(directed edges within ``cutoff``, angles within ``three_body_cutoff``) from a list built at
+    ``max(cutoff, three_body_cutoff)`` or more."""
     n_edges = int((nl.distances < cutoff).sum())
-    n_angles = int(angles_per_atom(nl, len(positions), three_body_cutoff).sum())
+    n_angles = int(angles_per_atom(nl, n_atoms, three_body_cutoff).sum())
     return n_edges, n_angles
-
-
-def min_distance(positions: np.ndarray, cell: np.ndarray | None, pbc: np.ndarray, below: float) -> float | None:
-    """The shortest interatomic distance if it is under ``below`` Å, else None."""
-    nl = neighbor_list(positions, cell, pbc, below)
-    return float(nl.distances.min()) if nl.n_edges else None

@@ -1,0 +1,103 @@
+"""SPICE HDF5: one group per molecule, one row per conformation.
+
+Source units and conversions
+----------------------------
+* ``conformations``: bohr → Å (× BOHR_TO_ANGSTROM).
+* ``dft_total_energy``: hartree → eV (× HARTREE_TO_EV).
+* ``dft_total_gradient``: hartree/bohr, the gradient dE/dx → forces = −gradient × HARTREE_TO_EV / BOHR_TO_ANGSTROM.
+* total charge: not stored; it is the sum of the formal charges in the group's ``smiles``
+  (bracket atoms such as ``[Na+]``, ``[NH3+]``, ``[O-]``, ``[Fe+2]``, ``[O--]``), as SPICE defines it.
+Molecules: ``cell=None, pbc=False``.  Values are passed on as stored (a NaN energy reaches
+``Frame.validate``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lampretrain.frames import BOHR_TO_ANGSTROM, HARTREE_TO_EV, Frame
+from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
+from lampretrain.io.hdf5 import groups_with, open_hdf5
+
+_BRACKET_ATOM = re.compile(r"\[([^\]]*)\]")
+_CHARGE = re.compile(r"(\++|-+)(\d*)$")
+
+
+def smiles_formal_charge(smiles: str) -> int:
+    """Sum of the formal charges written in the bracket atoms of a SMILES string (OpenSMILES §3.1.5)."""
+    total = 0
+    for atom in _BRACKET_ATOM.findall(smiles):
+        atom = atom.split(":", 1)[0]  # drop an atom-map class such as ':12'
+        match = _CHARGE.search(atom)
+        if not match:
+            continue
+        signs, digits = match.groups()
+        sign = 1 if signs[0] == "+" else -1
+        total += sign * (int(digits) if digits else len(signs))
+    return total
+
+
+def _text(value) -> str:
+    value = np.asarray(value).reshape(-1)[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_spice_hdf5(
+    path: str | Path,
+    *,
+    dataset: str = "",
+    level_of_theory: str = "",
+    on_error: ErrorHandler = None,
+    energy_key: str = "dft_total_energy",
+    gradient_key: str = "dft_total_gradient",
+) -> Iterator[Frame]:
+    """Frames of every conformation of every molecule in a SPICE HDF5 file."""
+    try:
+        h5 = open_hdf5(path)
+    except ReadError as exc:
+        report(on_error, exc)
+        return
+    with h5:
+        for name in groups_with(h5, ("atomic_numbers", "conformations")):
+            g = h5[name or "/"]
+            try:
+                numbers = np.asarray(g["atomic_numbers"][()], dtype=np.int64)
+                positions = np.asarray(g["conformations"][()], dtype=np.float64) * BOHR_TO_ANGSTROM  # (M, N, 3)
+                if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
+                    shape = positions.shape
+                    raise ReadError(f"expected (M, {len(numbers)}, 3), got {shape}", path, name, "conformations")
+                nconf = len(positions)
+                if energy_key not in g:
+                    raise ReadError(f"missing dataset {energy_key!r}", path, name, energy_key)
+                energy = np.asarray(g[energy_key][()], dtype=np.float64) * HARTREE_TO_EV  # (M,)
+                if energy.shape != (nconf,):
+                    raise ReadError(f"expected ({nconf},), got {energy.shape}", path, name, energy_key)
+                forces = None
+                if gradient_key in g:
+                    forces = -np.asarray(g[gradient_key][()], dtype=np.float64) * (HARTREE_TO_EV / BOHR_TO_ANGSTROM)
+                    if forces.shape != positions.shape:
+                        raise ReadError(f"expected {positions.shape}, got {forces.shape}", path, name, gradient_key)
+                info = {key: _text(g[key][()]) for key in ("smiles", "subset") if key in g}
+            except ReadError as exc:
+                report(on_error, exc)
+                continue
+            except (OSError, KeyError, ValueError) as exc:  # a damaged HDF5 dataset
+                report(on_error, ReadError(f"unreadable group: {exc}", path, name))
+                continue
+            charge = float(smiles_formal_charge(info["smiles"])) if "smiles" in info else None
+            for k in range(nconf):
+                yield Frame(
+                    positions=positions[k],
+                    numbers=numbers,
+                    energy=energy[k],
+                    forces=None if forces is None else forces[k],
+                    charge=charge,
+                    dataset=dataset,
+                    level_of_theory=level_of_theory,
+                    source=source_id(path, f"{name}/{k}"),
+                    info=dict(info),
+                )

@@ -1,0 +1,99 @@
+"""The prep spec: one YAML file describing which raw files become which store.
+
+Example (``data_prep/*.yaml`` hold one per public source)::
+
+    name: mptrj
+    output: stores/mptrj
+    sources:
+      - path: raw/MPtrj_2022.9_full.json
+        format: mptrj
+        dataset: mptrj
+        level_of_theory: PBE/PBE+U
+        options: {energy_key: uncorrected_total_energy}
+    split: {val: 0.05, group_by: mp_id}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import ConfigError, from_dict, load_yaml
+
+
+@dataclass
+class SourceSpec:
+    """One input: a file or directory, read by one reader."""
+
+    path: str
+    dataset: str  # name of the dataset (one head and one set of element references in training)
+    level_of_theory: str = ""
+    format: str | None = None  # a reader name from lampretrain.io.FORMATS; guessed when absent
+    include: str | None = None  # glob under ``path``: each match is one parallel task
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the reader (key mapping, method, ...)
+
+    def check(self) -> None:
+        from ..io import FORMATS
+
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"format: unknown format '{self.format}'; known formats: {', '.join(sorted(FORMATS))}")
+        if not self.dataset:
+            raise ConfigError("dataset: must be a non-empty name")
+
+
+@dataclass
+class SplitSpec:
+    """Deterministic split by content hash: a frame never moves between splits on a re-run."""
+
+    val: float = 0.05
+    test: float = 0.0
+    group_by: str | None = None  # a Frame.info key (e.g. mp_id): frames sharing it land in one split
+    salt: str = ""  # changes the assignment while keeping it deterministic
+
+    def check(self) -> None:
+        if not (0 <= self.val < 1 and 0 <= self.test < 1 and self.val + self.test < 1):
+            raise ConfigError(f"val={self.val}, test={self.test}: fractions must be in [0, 1) with val + test < 1")
+
+
+@dataclass
+class OriginSpec:
+    """Where a public source comes from; documentation carried into the manifest."""
+
+    url: str = ""
+    license: str = ""
+    citation: str = ""
+    units: str = ""  # units of the raw files (the reader converts to eV, Å)
+    notes: str = ""
+
+
+@dataclass
+class PrepSpec:
+    name: str
+    output: str
+    sources: list[SourceSpec]
+    formats: list[Literal["lmdb", "wds"]] = field(default_factory=lambda: ["lmdb", "wds"])
+    cutoff: float = 6.0  # Å, for the index's edge counts
+    three_body_cutoff: float = 4.5  # Å, for the index's angle counts
+    shard_size_mb: float = 256.0  # upper bound of one shard's record bytes
+    dedup: bool = True
+    min_distance: float = 0.1  # Å; closer atoms make a record bad
+    split: SplitSpec = field(default_factory=SplitSpec)
+    origin: OriginSpec = field(default_factory=OriginSpec)
+
+    def check(self) -> None:
+        if not self.sources:
+            raise ConfigError("sources: at least one source is needed")
+        if not self.formats:
+            raise ConfigError("formats: choose at least one of 'lmdb', 'wds'")
+        if self.three_body_cutoff > self.cutoff:
+            raise ConfigError(f"three_body_cutoff {self.three_body_cutoff} exceeds cutoff {self.cutoff}")
+        if self.shard_size_mb <= 0:
+            raise ConfigError("shard_size_mb: must be positive")
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> PrepSpec:
+    """Read and validate a spec; relative source paths stay relative to the working directory."""
+    data = load_yaml(path)
+    data.update(overrides or {})
+    return from_dict(PrepSpec, data, where=str(path))

@@ -1,0 +1,250 @@
+"""Prep end to end on the real fixtures: stores, index, statistics, bad input, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ase.io import write
+from ase.neighborlist import neighbor_list
+
+from lampretrain.config import ConfigError
+from lampretrain.io import read_frames
+from lampretrain.prep.pipeline import prepare
+from lampretrain.prep.spec import load_spec
+from lampretrain.store.index import SPLITS, StoreIndex
+from lampretrain.store.lmdb_shards import LmdbShardReader
+from lampretrain.store.wds_shards import WdsShardReader
+
+REAL = Path(__file__).parent / "data" / "real"
+REPO = Path(__file__).parent.parent
+
+SOURCES = [
+    {"path": str(REAL / "mlearn_pbe_elemental"), "include": "[CL]*/test.json", "dataset": "mlearn", "level_of_theory": "PBE"},
+    {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "feo", "level_of_theory": "PBE+U"},
+    {"path": str(REAL / "deepmd_water"), "include": "data_1", "dataset": "water"},
+    {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
+    {"path": str(REAL / "deepmd_nopbc_cho"), "include": "C4H3O1", "dataset": "cho"},
+]
+
+
+def write_spec(tmp_path: Path, sources=SOURCES, **extra) -> Path:
+    spec = {"name": "t", "output": str(tmp_path / "store"), "sources": sources, "shard_size_mb": 0.2, **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prep")
+    spec = load_spec(write_spec(tmp))
+    report = prepare(spec, workers=2, progress=False)
+    return StoreIndex.open(spec.output), report
+
+
+def source_frames():
+    frames = {}
+    for s in SOURCES:
+        paths = sorted(Path(s["path"]).glob(s["include"])) if "include" in s else [s["path"]]
+        for p in paths:
+            for f in read_frames(p, dataset=s["dataset"]):
+                frames[f.source] = f
+    return frames
+
+
+def assert_same_frame(a, b):
+    assert a.source == b.source and a.dataset == b.dataset
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.numbers, b.numbers)
+    for name in ("cell", "forces", "stress", "magmoms"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+    assert a.energy == b.energy
+    np.testing.assert_array_equal(a.pbc, b.pbc)
+
+
+def test_both_formats_round_trip_every_frame(store):
+    index, report = store
+    originals = source_frames()
+    assert report["written"] == len(originals) == len(index)
+    assert report["skipped"] == {"invalid": 0, "duplicate": 0, "read_error": 0}
+    seen = set()
+    for split in SPLITS:
+        rows = index.rows(split)
+        lmdb_frames = [f for p in index.shard_paths("lmdb", split) for f in LmdbShardReader(p)]
+        wds_frames = [f for p in index.shard_paths("wds", split) for _, f in WdsShardReader(p)]
+        assert len(lmdb_frames) == len(wds_frames) == len(rows)
+        for row, a, b in zip(rows, lmdb_frames, wds_frames):
+            assert_same_frame(a, originals[a.source])
+            assert_same_frame(b, originals[a.source])
+            assert index.natoms[row] == a.natoms
+            assert index.datasets[index.dataset[row]] == a.dataset
+            seen.add(a.source)
+    assert seen == set(originals)
+    assert len(index.shard_paths("lmdb", "train")) > 1  # bounded shard size took effect
+
+
+def test_index_counts_match_ase_neighbor_list(store):
+    index, _ = store
+    for split in ("train", "val"):
+        rows = index.rows(split)
+        frames = [f for p in index.shard_paths("lmdb", split) for f in LmdbShardReader(p)]
+        for row, frame in list(zip(rows, frames))[::7]:
+            atoms = frame.to_atoms()
+            i, d = neighbor_list("id", atoms, 6.0, self_interaction=False)
+            assert index.n_edges[row] == len(i)
+            k = np.bincount(i[d < 4.5], minlength=len(atoms))
+            assert index.n_angles[row] == int((k * (k - 1)).sum())
+            assert index.composition(row) == frame.composition()
+
+
+def test_element_references_reproduce_least_squares_fit(store):
+    index, _ = store
+    stats = index.stats()
+    originals = source_frames()
+    train = [f for p in index.shard_paths("lmdb", "train") for f in LmdbShardReader(p)]
+    for name in ("mlearn", "feo", "water"):
+        frames = [f for f in train if f.dataset == name]
+        elements = sorted({int(z) for f in frames for z in f.numbers})
+        counts = np.array([[np.sum(f.numbers == z) for z in elements] for f in frames], dtype=float)
+        energies = np.array([originals[f.source].energy for f in frames])
+        expected, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+        refs = np.array([stats[name]["element_references"][str(z)] for z in elements])
+        np.testing.assert_allclose(counts @ refs, counts @ expected, rtol=1e-12)
+        residual = (energies - counts @ refs) / counts.sum(1)
+        assert stats[name]["residual_per_atom_rms"] == pytest.approx(np.sqrt(np.mean(residual**2)), rel=1e-9)
+        forces = np.concatenate([f.forces.ravel() for f in frames])
+        assert stats[name]["force_rms"] == pytest.approx(np.sqrt(np.mean(forces**2)), rel=1e-9)
+    assert stats["mlearn"]["element_references"].keys() == {"3", "29"}  # Li and Cu
+
+
+def test_split_is_stable_when_sources_are_added(tmp_path, store):
+    index, _ = store
+    spec = load_spec(write_spec(tmp_path, SOURCES[:2]))
+    prepare(spec, workers=1, progress=False)
+    small = StoreIndex.open(spec.output)
+    big = dict(zip(index.hash, index.split))
+    for h, split in zip(small.hash, small.split):
+        assert big[h] == split
+
+
+def bad_extxyz(path: Path) -> None:
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    def frame(positions, numbers=(8, 1), energy=-1.0, cell=5.0):
+        atoms = Atoms(numbers=list(numbers), positions=positions, cell=np.eye(3) * cell, pbc=True)
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=np.zeros((len(atoms), 3)))
+        return atoms
+
+    good = [[0, 0, 0], [0, 0, 0.97]]
+    images = [
+        frame(good),
+        frame(good, energy=float("nan")),  # 1: NaN label
+        frame([[0, 0, 0], [0, 0, 0.05]]),  # 2: atoms too close
+        frame(good, cell=0.0),  # 3: zero-volume cell
+        frame(good, energy=-2.0),
+    ]
+    write(path, images, format="extxyz")
+
+
+def test_bad_records_are_reported_and_the_rest_written(tmp_path):
+    bad = tmp_path / "bad.extxyz"
+    bad_extxyz(bad)
+    truncated = tmp_path / "truncated.extxyz"
+    text = bad.read_text().splitlines()
+    truncated.write_text("\n".join(text[: len(text) // 5 * 4 + 1]) + "\n")  # cut inside the 5th frame
+    sources = [{"path": str(bad), "dataset": "bad"}, {"path": str(truncated), "dataset": "cut"}]
+    spec = load_spec(write_spec(tmp_path, sources, split={"val": 0.0}))
+    report = prepare(spec, workers=1, progress=False)
+    reasons = {item["source"]: item["reason"] for item in report["skipped_records"]}
+    assert f"{bad}#1" in reasons and "energy" in reasons[f"{bad}#1"]
+    assert f"{bad}#2" in reasons and "positions" in reasons[f"{bad}#2"]
+    assert f"{bad}#3" in reasons and "cell" in reasons[f"{bad}#3"]
+    assert report["skipped"]["read_error"] == 1
+    assert any(str(truncated) in item["source"] for item in report["skipped_records"] if item["kind"] == "read_error")
+    index = StoreIndex.open(spec.output)
+    written = [f.source for p in index.shard_paths("lmdb", "train") for f in LmdbShardReader(p)]
+    assert set(written) >= {f"{bad}#0", f"{bad}#4", f"{truncated}#0"}
+    assert report["written"] + report["skipped"]["invalid"] + report["skipped"]["duplicate"] == report["frames_in"]
+
+
+def test_duplicates_are_dropped_and_reported(tmp_path):
+    path = str(REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml")
+    sources = [{"path": path, "dataset": "al"}, {"path": path, "dataset": "al"}]
+    report = prepare(load_spec(write_spec(tmp_path, sources)), workers=1, progress=False)
+    assert report["written"] == 2 and report["skipped"]["duplicate"] == 2
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.update(shards=3), "unknown key 'shards'"),
+        (lambda s: s["sources"][0].update(format="vasp5"), "unknown format 'vasp5'"),
+        (lambda s: s["sources"][0].update(colour="red"), "unknown key 'colour'"),
+        (lambda s: s.update(formats=["parquet"]), "'parquet' is not allowed"),
+        (lambda s: s["sources"][0].update(path="/nonexistent/x.xml"), "does not exist"),
+    ],
+)
+def test_bad_spec_fails_before_any_work(tmp_path, mutate, message):
+    spec = {"name": "t", "output": str(tmp_path / "out"), "sources": [dict(SOURCES[1])]}
+    mutate(spec)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message):
+        prepare(load_spec(path), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_prep(spec: Path, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lampretrain.cli", "prep", str(spec), "--workers", "1", "--quiet"]
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["parts", "shards"])
+def test_killed_prep_resumes_to_identical_store(tmp_path, kill_when):
+    clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
+    clean_dir.mkdir(), killed_dir.mkdir()
+    clean = write_spec(clean_dir)
+    prepare(load_spec(clean), workers=1, progress=False)
+    spec = write_spec(killed_dir)
+    out = killed_dir / "store"
+    watch = {"parts": out / ".work" / "parts", "shards": out / "lmdb"}[kill_when]
+    proc = run_prep(spec)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (watch.exists() and any(watch.glob("[!.]*"))):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "prep finished before it could be killed"
+    assert run_prep(spec).wait() == 0
+    clean_files = store_files(clean_dir / "store")
+    killed_files = store_files(out)
+    assert killed_files.keys() == clean_files.keys()
+    for name in clean_files:
+        if name in ("manifest.json", "report.json"):
+            continue  # they record the output path and the run time
+        assert killed_files[name] == clean_files[name], name
+
+
+def test_data_prep_specs_validate():
+    specs = sorted((REPO / "data_prep").glob("*.yaml"))
+    assert len(specs) >= 10
+    for path in specs:
+        spec = load_spec(path)
+        assert spec.sources and all(s.format for s in spec.sources if path.name != "demo.yaml")

@@ -117,6 +117,14 @@ class FrameGraph:
     angle_index: np.ndarray  # (2, A)
 
 
+_EMPTY_GRAPH = FrameGraph(
+    edge_index=np.zeros((2, 0), dtype=np.int64),
+    edge_shift=np.zeros((0, 3), dtype=np.int64),
+    edge_reverse=np.zeros(0, dtype=np.int64),
+    angle_index=np.zeros((2, 0), dtype=np.int64),
+)
+
+
 def build_graph(frame: Frame, cutoff: float = 6.0, three_body_cutoff: float = 4.5) -> FrameGraph:
     """Edges within ``cutoff`` and ordered bond pairs within ``three_body_cutoff``."""
     nl = neighbor_list(frame.positions, frame.cell, frame.pbc, max(cutoff, three_body_cutoff))
@@ -138,10 +146,15 @@ def collate(
     cutoff: float = 6.0,
     three_body_cutoff: float = 4.5,
     dtype: torch.dtype = torch.float32,
+    with_graph: bool = True,
 ) -> GraphBatch:
-    """Concatenate frames (and their graphs, built here when not given) into one batch."""
+    """Concatenate frames (and their graphs, built here when not given) into one batch.
+
+    ``with_graph=False`` leaves the edge and angle tensors empty so the graph
+    can be built later on the accelerator (``graph.device.attach_graph``).
+    """
     if graphs is None:
-        graphs = [build_graph(f, cutoff, three_body_cutoff) for f in frames]
+        graphs = [build_graph(f, cutoff, three_body_cutoff) if with_graph else _EMPTY_GRAPH for f in frames]
     n_atoms = np.array([f.natoms for f in frames], dtype=np.int64)
     atom_offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
     n_edges = np.array([g.edge_index.shape[1] for g in graphs], dtype=np.int64)

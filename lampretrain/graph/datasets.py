@@ -1,0 +1,160 @@
+"""Torch datasets over the store's shards and the collate function that turns frames into graph batches.
+
+- :class:`LmdbFrameDataset`: map-style, one frame per (shard, key); use with
+  :class:`~lampretrain.sampling.BalancedBatchSampler` as ``batch_sampler``.
+  LMDB files are opened read-only without locks, lazily in each process
+  (reopened after a DataLoader fork) by :mod:`lampretrain.store.lmdb_shards`.
+- :class:`WdsFrameDataset`: iterable over WebDataset tar shards, split
+  shard-per-rank then shard-per-worker, with a shuffle buffer.
+- :class:`GraphCollate`: the ``collate_fn``; builds graphs in the worker, or
+  leaves them to :func:`lampretrain.graph.device.attach_graph` on the GPU
+  (``on_device=True``) when the loader CPUs are the bottleneck.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ..frames import Frame
+from ..store.lmdb_shards import LmdbShardReader
+from ..store.wds_shards import iter_wds_frames, shards_for
+from .batch import GraphBatch, collate
+
+
+class LmdbFrameDataset(Dataset):
+    """Item ``i`` is record ``key[i]`` of shard ``shard_paths[shard[i]]`` (arrays as the store index holds them)."""
+
+    def __init__(self, shard_paths: Sequence[str | os.PathLike], shard: np.ndarray, key: np.ndarray):
+        self.readers = [LmdbShardReader(p) for p in shard_paths]
+        self.shard = np.asarray(shard, dtype=np.int64)
+        self.key = np.asarray(key, dtype=np.int64)
+        if self.shard.shape != self.key.shape:
+            raise ValueError(f"shard {self.shard.shape} and key {self.key.shape} arrays differ in shape")
+        if self.shard.size and not 0 <= self.shard.min() <= self.shard.max() < len(self.readers):
+            raise ValueError(f"shard numbers span {self.shard.min()}..{self.shard.max()} but {len(self.readers)} shards were given")
+
+    @classmethod
+    def from_index(cls, index, split: str = "train") -> "LmdbFrameDataset":
+        """The ``split`` rows of a :class:`~lampretrain.store.index.StoreIndex`, in index order."""
+        rows = index.rows(split)
+        return cls(index.shard_paths("lmdb", split), index.shard[rows], index.key[rows])
+
+    def __len__(self) -> int:
+        return int(self.shard.size)
+
+    def __getitem__(self, i: int) -> Frame:
+        return self.readers[self.shard[i]][int(self.key[i])]
+
+
+class WdsFrameDataset(IterableDataset):
+    """Frames streamed from tar shards: this rank's shards, then this worker's share of them, shuffled in a buffer.
+
+    ``rank``/``world_size`` default to torch.distributed (or RANK/WORLD_SIZE);
+    the DataLoader worker split is automatic. ``set_epoch`` changes shard and
+    buffer order reproducibly for (seed, epoch, rank, worker).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str | os.PathLike],
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        self.urls = [os.fspath(u) for u in urls]
+        self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    @classmethod
+    def from_index(cls, index, split: str = "train", **options) -> "WdsFrameDataset":
+        return cls([str(p) for p in index.shard_paths("wds", split)], **options)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Frame]:
+        from webdataset.utils import pytorch_worker_info
+
+        rank, world_size, _, _ = pytorch_worker_info()
+        rank = rank if self.rank is None else self.rank
+        world_size = world_size if self.world_size is None else self.world_size
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        seed = self.seed if self.shuffle_buffer > 0 else None
+        if not shards_for(self.urls, rank, world_size, worker, num_workers, seed, self.epoch):
+            return iter(())  # more workers × ranks than shards: this worker has nothing to read
+        return iter_wds_frames(
+            self.urls,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=rank,
+            world_size=world_size,
+            worker=worker,
+            num_workers=num_workers,
+        )
+
+
+def budget_batches(frames: Iterable[Frame], cost: Callable[[Frame], float], budget: float) -> Iterator[list[Frame]]:
+    """Consecutive frames grouped while their summed ``cost`` stays within ``budget`` (a streaming micro-batcher).
+
+    A frame costing more than the budget forms a batch of its own; nothing is dropped.
+    """
+    batch: list[Frame] = []
+    load = 0.0
+    for frame in frames:
+        c = float(cost(frame))
+        if batch and load + c > budget:
+            yield batch
+            batch, load = [], 0.0
+        batch.append(frame)
+        load += c
+    if batch:
+        yield batch
+
+
+class GraphCollate:
+    """``collate_fn`` turning a list of frames into a :class:`GraphBatch` (picklable for spawned workers).
+
+    ``on_device=True`` skips the neighbor search in the worker; call
+    ``attach_graph(batch.to(device), cutoff, three_body_cutoff)`` after the
+    transfer (:meth:`finish` does exactly that).
+    """
+
+    def __init__(
+        self,
+        cutoff: float = 6.0,
+        three_body_cutoff: float = 4.5,
+        dataset_ids: dict[str, int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        on_device: bool = False,
+    ):
+        self.cutoff, self.three_body_cutoff = float(cutoff), float(three_body_cutoff)
+        self.dataset_ids, self.dtype, self.on_device = dataset_ids, dtype, on_device
+
+    def __call__(self, frames: Sequence[Frame]) -> GraphBatch:
+        return collate(
+            frames,
+            dataset_ids=self.dataset_ids,
+            cutoff=self.cutoff,
+            three_body_cutoff=self.three_body_cutoff,
+            dtype=self.dtype,
+            with_graph=not self.on_device,
+        )
+
+    def finish(self, batch: GraphBatch, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
+        """Move a collated batch to ``device`` and build its graph there when ``on_device``."""
+        batch = batch.to(device, non_blocking=non_blocking)
+        if self.on_device:
+            from .device import attach_graph
+
+            batch = attach_graph(batch, self.cutoff, self.three_body_cutoff)
+        return batch
+

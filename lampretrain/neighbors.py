@@ -22,7 +22,7 @@ import vesin
 
 @dataclass
 class NeighborList:
-    """Directed edges sorted by centre atom (then neighbor, then shift)."""
+    """Directed edges, sorted by centre atom (then neighbor, then shift) unless built with sort=False."""
 
     i: np.ndarray  # (E,) int64 centre atom
     j: np.ndarray  # (E,) int64 neighbor atom
@@ -42,9 +42,13 @@ def _box(positions: np.ndarray, cell: np.ndarray | None, pbc: np.ndarray) -> tup
 
 
 def neighbor_list(
-    positions: np.ndarray, cell: np.ndarray | None, pbc: np.ndarray, cutoff: float
+    positions: np.ndarray, cell: np.ndarray | None, pbc: np.ndarray, cutoff: float, sort: bool = True
 ) -> NeighborList:
-    """All directed pairs within ``cutoff`` including periodic images (vesin)."""
+    """All directed pairs within ``cutoff`` including periodic images (vesin).
+
+    ``sort=False`` skips ordering the edges (counting does not need it, and the
+    sort costs as much as the search on large cells).
+    """
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     box, periodic = _box(positions, cell, pbc)
     if positions.shape[0] == 0:
@@ -55,6 +59,8 @@ def neighbor_list(
     i = i.astype(np.int64)
     j = j.astype(np.int64)
     s = s.astype(np.int64)
+    if not sort:
+        return NeighborList(i, j, s, d)
     order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, i))
     return NeighborList(i[order], j[order], s[order], d[order])
 

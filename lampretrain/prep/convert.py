@@ -75,7 +75,9 @@ def checked_neighbors(frame: Frame, settings: Settings) -> NeighborList:
     One list at the larger cutoff serves both (vesin is slow at tiny cutoffs: its cell grid explodes).
     """
     frame.validate()
-    nl = neighbor_list(frame.positions, frame.cell, frame.pbc, max(settings.cutoff, settings.three_body_cutoff))
+    nl = neighbor_list(
+        frame.positions, frame.cell, frame.pbc, max(settings.cutoff, settings.three_body_cutoff), sort=False
+    )
     if nl.n_edges and nl.distances.min() < settings.min_distance:
         closest = nl.distances.min()
         raise FrameError(f"two atoms are {closest:.4f} Å apart (< {settings.min_distance} Å)", "positions", frame.source)

@@ -248,3 +248,34 @@ def test_data_prep_specs_validate():
     for path in specs:
         spec = load_spec(path)
         assert spec.sources and all(s.format for s in spec.sources if path.name != "demo.yaml")
+
+
+@pytest.mark.slow
+def test_prep_on_a_ray_cluster_equals_local_processes(tmp_path, store):
+    """A real Ray head started on loopback; prep workers run as Ray tasks and write the same store."""
+    import shutil
+
+    ray_bin = shutil.which("ray")
+    if ray_bin is None:
+        pytest.skip("ray is not installed (pip install 'lampretrain[ray]')")
+    index, _ = store
+    port = 26379 + os.getpid() % 1000
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        code = (
+            "import sys; from lampretrain.prep.spec import load_spec; from lampretrain.prep.pipeline import prepare; "
+            f"prepare(load_spec(sys.argv[1]), ray_address='127.0.0.1:{port}', progress=False)"
+        )
+        spec = write_spec(tmp_path)
+        subprocess.run([sys.executable, "-c", code, str(spec)], check=True, cwd=REPO, env=env, timeout=600)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    ray_files = store_files(tmp_path / "store")
+    local_files = store_files(index.root)
+    assert ray_files.keys() == local_files.keys()
+    for name in ray_files:
+        if name not in ("manifest.json", "report.json"):
+            assert ray_files[name] == local_files[name], name

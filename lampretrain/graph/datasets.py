@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..frames import Frame
 from ..store.lmdb_shards import LmdbShardReader
-from ..store.wds_shards import iter_wds_frames, shards_for
+from ..store.wds_shards import iter_wds_frames
 from .batch import GraphBatch, collate
 
 
@@ -87,9 +87,6 @@ class WdsFrameDataset(IterableDataset):
         world_size = world_size if self.world_size is None else self.world_size
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        seed = self.seed if self.shuffle_buffer > 0 else None
-        if not shards_for(self.urls, rank, world_size, worker, num_workers, seed, self.epoch):
-            return iter(())  # more workers × ranks than shards: this worker has nothing to read
         return iter_wds_frames(
             self.urls,
             shuffle_buffer=self.shuffle_buffer,

@@ -1,0 +1,66 @@
+"""DPA4 hyper-parameters and the four named sizes of the paper (arXiv 2606.02419, SM Table "Matbench config")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class DPA4Config:
+    channels: int = 64  # C
+    lmax: int = 3  # L
+    mmax: int = 1  # M, orders kept inside the SO(2) convolution
+    n_blocks: int = 3
+    so2_layers: int = 4  # S, residual SO(2) layers per focus
+    n_focus: int = 1  # F
+    focus_dim: int = 0  # C_f, 0 → channels
+    rank: int = 1  # R of the low-rank edge–node product
+    n_radial: int = 16
+    cutoff: float = 6.0
+    rbf_exponent: int = 7  # C³ envelope s7 inside the radial basis
+    edge_exponent: int = 5  # C³ envelope s5 on edges, degree and attention
+    ffn_hidden: int = 0  # H_FFN, 0 → 32·⌈(8/3)·C/32⌉
+    n_elements: int = 118
+    degree_floor: float = 0.25  # n_i = (Σ_j s5² + floor)^(-1/2)
+    radial_norm: bool = True  # RMSNorm inside the shared radial MLP (paper era)
+    env_seed: bool = True
+    random_roll: bool = True  # random roll of every edge frame about its axis, in training
+    autocast_bf16: bool = False  # bf16 autocast inside the interaction blocks only
+    focus_temperature: float = 1.0
+    focus_smoothing: float = 0.02
+
+    @property
+    def focus_channels(self) -> int:
+        return self.focus_dim or self.channels
+
+    @property
+    def hidden_channels(self) -> int:
+        """H = F·C_f, the width inside the SO(2) convolution."""
+        return self.n_focus * self.focus_channels
+
+    @property
+    def ffn_channels(self) -> int:
+        return self.ffn_hidden or 32 * math.ceil(8 * self.channels / 3 / 32)
+
+
+SIZES = {
+    "dpa4-neo": DPA4Config(n_blocks=2, so2_layers=3, lmax=3),
+    "dpa4-air": DPA4Config(n_blocks=3, so2_layers=4, lmax=3),
+    "dpa4-plus": DPA4Config(n_blocks=4, so2_layers=4, lmax=4),
+    "dpa4-pro": DPA4Config(n_blocks=6, so2_layers=4, lmax=5, n_focus=2, rank=2),
+}
+
+
+def configure(base: DPA4Config, **overrides) -> DPA4Config:
+    """``base`` with keyword overrides; an unknown key is an error naming the allowed ones."""
+    allowed = [f.name for f in fields(DPA4Config)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown DPA4 option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    cfg = replace(base, **overrides)
+    if cfg.so2_layers < 1 or cfg.n_blocks < 1 or cfg.n_focus < 1 or cfg.rank < 1:
+        raise ValueError("DPA4 needs n_blocks, so2_layers, n_focus and rank ≥ 1")
+    if not 1 <= cfg.mmax <= cfg.lmax:
+        raise ValueError(f"DPA4 needs 1 ≤ mmax ≤ lmax, got mmax={cfg.mmax}, lmax={cfg.lmax}")
+    return cfg

@@ -1,0 +1,22 @@
+"""MatRIS: invariant attention over atom and bond-pair graphs (arXiv 2603.02002).
+
+Registers the released sizes ``matris-10m`` (10 blocks) and ``matris-4m`` (4 blocks).
+"""
+
+from __future__ import annotations
+
+from .. import register
+from .config import MATRIS_4M, MATRIS_10M, MatRISConfig
+from .model import MatRIS
+
+__all__ = ["MatRIS", "MatRISConfig", "MATRIS_10M", "MATRIS_4M"]
+
+
+@register("matris-10m")
+def matris_10m(**overrides) -> MatRIS:
+    return MatRIS(MATRIS_10M.with_overrides(**overrides))
+
+
+@register("matris-4m")
+def matris_4m(**overrides) -> MatRIS:
+    return MatRIS(MATRIS_4M.with_overrides(**overrides))

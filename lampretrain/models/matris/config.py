@@ -1,0 +1,54 @@
+"""MatRIS hyper-parameters and the released sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from ..layers.norms import NORMS
+
+
+@dataclass(frozen=True)
+class MatRISConfig:
+    """Sizes of a MatRIS backbone; defaults are the released 10M model (spec §5)."""
+
+    num_layers: int = 10
+    atom_dim: int = 128
+    bond_dim: int = 128
+    angle_dim: int = 128
+    readout_hidden: tuple[int, ...] = (128, 256, 128)
+    magmom_hidden: int = 256
+    num_radial: int = 7
+    num_angular: int = 7  # 2K + 1 Fourier functions
+    cutoff: float = 6.0
+    three_body_cutoff: float = 4.5
+    envelope_exponent: int = 8
+    norm: str = "layer"
+    num_elements: int = 94
+    smoothed_edge_delta: bool = True  # atom-graph refinement updates bonds from envelope-weighted messages
+    # recompute line-graph layers (also in the force graph, layers/recompute.py) when a batch has more
+    # angles; None: never. 60000 is the official value; 0 fits a 27k-angle training step in ~2.5 GB
+    checkpoint_angles: int | None = 60000
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"MatRISConfig.norm: unknown norm '{self.norm}'; allowed: {', '.join(NORMS)}")
+        if self.num_angular % 2 != 1:
+            raise ValueError(f"MatRISConfig.num_angular must be odd (1 + 2K Fourier terms), got {self.num_angular}")
+        if self.three_body_cutoff > self.cutoff:
+            raise ValueError(
+                f"MatRISConfig.three_body_cutoff ({self.three_body_cutoff}) exceeds cutoff ({self.cutoff})"
+            )
+
+    def with_overrides(self, **overrides) -> "MatRISConfig":
+        """A copy with the given fields changed; an unknown key is an error naming the allowed ones."""
+        allowed = [f.name for f in fields(self)]
+        for key in overrides:
+            if key not in allowed:
+                raise ValueError(f"unknown MatRIS option '{key}'; allowed: {', '.join(allowed)}")
+        if "readout_hidden" in overrides:
+            overrides["readout_hidden"] = tuple(overrides["readout_hidden"])
+        return replace(self, **overrides)
+
+
+MATRIS_10M = MatRISConfig()
+MATRIS_4M = MatRISConfig(num_layers=4)

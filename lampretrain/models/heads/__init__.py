@@ -1,0 +1,20 @@
+"""Heads on a shared backbone: per-dataset energies and references, vector heads, DeNS corruption."""
+
+from .denoising import Corruption, DenoisingConfig, sample_corruption
+from .energy import ElementReferences, EnergyHeads, StackedMLP, reference_table, select_head
+from .vector import EdgeVectorHead, EquivariantVectorHead, VectorCondition, l1_cartesian
+
+__all__ = [
+    "Corruption",
+    "DenoisingConfig",
+    "EdgeVectorHead",
+    "ElementReferences",
+    "EnergyHeads",
+    "EquivariantVectorHead",
+    "StackedMLP",
+    "VectorCondition",
+    "l1_cartesian",
+    "reference_table",
+    "sample_corruption",
+    "select_head",
+]

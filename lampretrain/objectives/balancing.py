@@ -1,0 +1,43 @@
+"""Weights of the per-dataset × per-task loss matrix L (K, T).
+
+* ``none``: L_total = Σ c_kt L_kt with the configured coefficients c.
+* ``static``: c_kt / s_kt with s from prep statistics (per-atom residual RMS for
+  energy, force RMS for forces): a mean-only model scores ≈ 1 on every dataset.
+* ``uncertainty`` (Kendall, Gal & Cipolla 2018, Laplace form for MAE losses):
+  Σ [c_kt e^(−u_kt) L_kt + u_kt] with learnable u; at the optimum e^(−u) = 1/(c L),
+  so every term is pushed to the same scale whatever its units. The u of a term that
+  has no labels in a batch receive no gradient in that step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BALANCING = ("none", "static", "uncertainty")
+
+
+class LossBalancer(torch.nn.Module):
+    """Combines L (K, T) under a presence mask into a scalar; also returns the effective weights (K, T)."""
+
+    def __init__(self, method: str, coefficients: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        if method not in BALANCING:
+            raise ValueError(f"objective.balancing: '{method}' not one of {', '.join(BALANCING)}")
+        self.method = method
+        base = coefficients / scales if method == "static" else coefficients
+        self.register_buffer("base", base.to(torch.float32))
+        self.log_variance = torch.nn.Parameter(torch.zeros_like(self.base)) if method == "uncertainty" else None
+
+    def weights(self) -> torch.Tensor:
+        """Effective multiplier of each L_kt, (K, T)."""
+        if self.log_variance is None:
+            return self.base
+        return self.base * torch.exp(-self.log_variance)
+
+    def forward(self, losses: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ over present terms; returns (total, weighted terms (K, T))."""
+        terms = self.weights().to(losses.dtype) * losses
+        if self.log_variance is not None:
+            terms = terms + self.log_variance.to(losses.dtype)
+        terms = torch.where(present, terms, torch.zeros_like(terms))
+        return terms.sum(), terms

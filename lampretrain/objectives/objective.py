@@ -1,0 +1,124 @@
+"""The multi-task training objective: masked per-dataset E/F/σ/m losses, balancing, denoising.
+
+``objective(out, batch) -> (loss, metrics)`` reads a model's output dict and a
+``GraphBatch``. Each loss term is a mean over the labelled samples of one dataset
+in the batch (L_kt, K datasets × T tasks); terms without labels are masked, never
+filled with zeros. Graphs displaced for denoising (``out["noisy"]``) leave the
+E/F/σ/m terms (their labels belong to the undisplaced structure) and enter only
+through the denoising term λ_dn · mean_i ‖ε̂_i − ε_i/σ‖ over displaced atoms
+(``energy_on_noisy`` keeps their energy term, DeNS's "predict the original energy").
+No ``.item()``, no branching on tensor values: metrics stay tensors on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..graph.batch import GraphBatch
+from ..models.layers.scatter import scatter_sum
+from ..models.multitask import DatasetSpec
+from .balancing import BALANCING, LossBalancer
+from .losses import energy_per_atom_error, force_error, magmom_error, masked_group_mean, stress_error
+
+TASKS = ("energy", "forces", "stress", "magmoms")
+
+
+@dataclass
+class ObjectiveConfig:
+    energy_weight: float = 1.0
+    force_weight: float = 1.0
+    stress_weight: float = 0.1
+    magmom_weight: float = 0.1
+    dataset_weights: dict[str, float] = field(default_factory=dict)  # name → multiplier, default 1
+    balancing: str = "static"  # none | static | uncertainty (see objectives.balancing)
+    denoising_weight: float = 10.0  # λ_dn, deepmd-kit DPA4 dens default
+    energy_on_noisy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.balancing not in BALANCING:
+            raise ValueError(f"objective.balancing: '{self.balancing}' not one of {', '.join(BALANCING)}")
+        for f in ("energy_weight", "force_weight", "stress_weight", "magmom_weight", "denoising_weight"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"objective.{f} must be ≥ 0, got {getattr(self, f)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveConfig":
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"objective: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        return cls(**data)
+
+
+class MultiTaskObjective(torch.nn.Module):
+    """Holds the balancing state (learnable for ``uncertainty``: give its parameters to the optimizer)."""
+
+    def __init__(self, config: ObjectiveConfig, datasets: Sequence[DatasetSpec]):
+        super().__init__()
+        self.config = config
+        self.names = [d.name for d in datasets]
+        unknown = sorted(set(config.dataset_weights) - set(self.names))
+        if unknown:
+            raise ValueError(
+                f"objective.dataset_weights: unknown dataset(s) {', '.join(unknown)}; known: {', '.join(self.names)}"
+            )
+        task = torch.tensor([config.energy_weight, config.force_weight, config.stress_weight, config.magmom_weight])
+        per_dataset = torch.tensor([float(config.dataset_weights.get(n, 1.0)) for n in self.names])
+        scales = torch.tensor([[d.energy_rms, d.force_rms, 1.0, 1.0] for d in datasets], dtype=torch.float64)
+        self.balancer = LossBalancer(config.balancing, per_dataset[:, None] * task[None, :], scales.float())
+        self.active_tasks = [t for t, w in enumerate(task.tolist()) if w > 0]  # fixed by the config, not by data
+        self.register_buffer("active", (task > 0)[None, :].expand(len(self.names), -1).clone())
+
+    def forward(self, out: Mapping[str, torch.Tensor], batch: GraphBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        k = len(self.names)
+        graph_ds = batch.dataset
+        atom_ds = graph_ds[batch.batch]
+        clean = ~out["noisy"] if "noisy" in out else torch.ones_like(batch.energy_mask)
+        clean_atoms = clean[batch.batch]
+        energy_clean = torch.ones_like(clean) if self.config.energy_on_noisy else clean
+        means, counts = [], []
+
+        def add(values: torch.Tensor | None, mask: torch.Tensor, group: torch.Tensor) -> None:
+            if values is None:  # the model does not predict this quantity
+                zero = torch.zeros(k, device=group.device)
+                means.append(zero)
+                counts.append(zero)
+                return
+            mean, count = masked_group_mean(values, mask, group, k)
+            means.append(mean)
+            counts.append(count)
+
+        add(energy_per_atom_error(out["energy"], batch.energy, batch.n_atoms), batch.energy_mask & energy_clean, graph_ds)
+        add(force_error(out["forces"], batch.forces) if "forces" in out else None, batch.forces_mask & clean_atoms, atom_ds)
+        add(stress_error(out["stress"], batch.stress) if "stress" in out else None, batch.stress_mask & clean, graph_ds)
+        add(magmom_error(out["magmoms"], batch.magmoms) if "magmoms" in out else None, batch.magmoms_mask & clean_atoms, atom_ds)
+        losses = torch.stack([m.float() for m in means], dim=1)  # (K, T)
+        count = torch.stack(counts, dim=1)  # (K, T)
+        present = (count > 0) & self.active
+        loss, terms = self.balancer(losses, present)
+        metrics: dict[str, torch.Tensor] = {}
+        if "noise_pred" in out:
+            dn, dn_count = masked_group_mean(
+                force_error(out["noise_pred"], out["noise_target"]), out["noise_mask"], torch.zeros_like(atom_ds), 1
+            )
+            loss = loss + self.config.denoising_weight * dn[0]
+            per_ds, _ = masked_group_mean(force_error(out["noise_pred"], out["noise_target"]), out["noise_mask"], atom_ds, k)
+            metrics["denoise"] = dn[0].detach()
+            metrics["denoise_atoms"] = dn_count[0]
+        metrics["loss"] = loss.detach()
+        weights = self.balancer.weights().detach()
+        n_graphs = scatter_sum(torch.ones_like(graph_ds), graph_ds, k)
+        for d, name in enumerate(self.names):
+            metrics[f"{name}/loss"] = terms[d].sum().detach()
+            metrics[f"{name}/n_graphs"] = n_graphs[d]
+            for t in self.active_tasks:
+                task = TASKS[t]
+                metrics[f"{name}/{task}_mae"] = losses[d, t].detach()
+                metrics[f"{name}/{task}_count"] = count[d, t].detach()
+                metrics[f"{name}/{task}_weight"] = weights[d, t]
+            if "noise_pred" in out:
+                metrics[f"{name}/denoise"] = per_ds[d].detach()
+        return loss, metrics

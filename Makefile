@@ -5,7 +5,7 @@ PYTHON ?= python
 
 install:
 	$(PYTHON) -m pip install -q -r requirements/cpu.txt
-	$(PYTHON) -m pip install -q -e ".[all]"
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -e ".[all]"
 
 demo: install
 	lampretrain demo

@@ -2,7 +2,9 @@
 
     lampretrain demo                      the main job on embedded defaults (bundled real DFT data)
     lampretrain prep SPEC.yaml            raw DFT files → sharded LMDB + WebDataset store
+    lampretrain pretrain RECIPE.yaml      train (one process, or under torchrun / the deepspeed launcher)
     lampretrain inspect STORE             what a store holds (index, statistics, prep report)
+    lampretrain launch RECIPE.yaml        render/submit a multi-node job (Slurm, Ray on Slurm, Kubernetes, local)
     lampretrain bench KIND ...            benchmarks printing JSON lines
 """
 
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .launch.cli import add_parser as add_launch_parser
+from .launch.cli import run as run_launch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHES = {
@@ -22,6 +26,7 @@ BENCHES = {
     "loader": "lampretrain.bench.loader",
     "balance": "lampretrain.bench.balance",
     "model": "lampretrain.bench.model_step",
+    "scaling": "lampretrain.bench.scaling",
 }
 
 
@@ -72,10 +77,33 @@ def _demo(args: argparse.Namespace) -> int:
     spec_path = REPO_ROOT / "data_prep" / "demo.yaml"
     if not spec_path.exists():
         raise ConfigError(f"{spec_path} not found: run the demo from a checkout of the lampretrain repository")
-    spec = load_spec(spec_path, {"output": str(Path(args.output) / "store")})
-    report = prepare(spec, workers=args.workers, overwrite=True)
+    store = Path(args.output) / "store"
+    spec = load_spec(spec_path, {"output": str(store)})
+    report = prepare(spec, workers=args.workers, overwrite=False)
     _print_report(spec.output, report)
+    recipe_path = REPO_ROOT / "recipes" / f"demo-{args.model}.yaml"
+    overrides = [f"data.store={store}", f"output={Path(args.output) / args.model}", *args.set]
+    return _run_pretrain(recipe_path, overrides, resume="auto", max_steps=None)
+
+
+def _run_pretrain(recipe_path, overrides: list[str], resume: str | None, max_steps: int | None) -> int:
+    from .recipe import load_recipe
+    from .train import pretrain
+
+    recipe = load_recipe(recipe_path, overrides)
+    result = pretrain(recipe, resume=resume, max_steps=max_steps)
+    if result.mlflow_run_id is not None:  # rank 0
+        state = "preempted at" if result.preempted else "finished at"
+        print(f"[lampretrain] {recipe.name} {state} step {result.step}")
+        print(f"  checkpoint: {result.checkpoint}")
+        print(f"  MLflow run: {result.mlflow_run_id} in {result.mlflow_uri}")
+        if result.mlflow_uri.startswith("sqlite:"):
+            print(f"  browse:     mlflow ui --backend-store-uri {result.mlflow_uri}")
     return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    return _run_pretrain(args.recipe, args.set, args.resume, args.max_steps)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -93,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on the bundled real DFT data (no servers)")
     p.add_argument("--output", default="outputs/demo", help="where the demo writes (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    p.add_argument("--model", choices=["matris", "dpa4"], default="matris", help="which demo recipe (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. train.steps=50")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a model from a recipe (DDP, FSDP2 or DeepSpeed; one CPU to many nodes)",
+        description="Validate RECIPE (recipes/*.yaml) and train. Multi-process: "
+        "`torchrun --nproc_per_node N -m lampretrain.cli pretrain RECIPE` (or the deepspeed launcher); "
+        "SIGTERM/SIGUSR1 write a checkpoint and exit.",
+    )
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint of the run, if any) or a checkpoint directory")
+    p.add_argument("--max-steps", type=int, help="stop at this step (the schedule still follows train.steps)")
 
     p = sub.add_parser(
         "prep",
@@ -113,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="benchmarks printing one JSON line each",
-        description="Benchmarks: prep, loader, balance, model. Options after KIND go to that benchmark "
+        description="Benchmarks: prep, loader, balance, model, scaling. Options after KIND go to that benchmark "
         "(`lampretrain bench prep --help`).",
     )
     p.add_argument("kind", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
+
+    add_launch_parser(sub)
     return parser
 
 
@@ -126,7 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"prep": _prep, "inspect": _inspect, "demo": _demo, "bench": _bench}[args.command](args)
+        commands = {
+            "prep": _prep,
+            "inspect": _inspect,
+            "demo": _demo,
+            "pretrain": _pretrain,
+            "bench": _bench,
+            "launch": run_launch,
+        }
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

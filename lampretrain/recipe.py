@@ -1,0 +1,224 @@
+"""The pretraining recipe: one YAML file that fully describes a run, validated before anything starts.
+
+Example (``recipes/*.yaml`` hold complete ones)::
+
+    name: demo-matris
+    output: outputs/demo-matris
+    data: {store: outputs/demo/store, budget: 400, cost: {atoms: 1.0, angles: 0.02}}
+    model: {name: matris-4m, options: {num_layers: 2}}
+    objective: {energy: 5.0, forces: 5.0, stress: 0.1, magmoms: 0.1}
+    optim: {lr: 3.0e-4, weight_decay: 1.0e-2}
+    schedule: {kind: cosine, warmup_steps: 10}
+    train: {steps: 200, grad_accum: 1, clip_grad_norm: 5.0, ema_decay: 0.999}
+    engine: {name: ddp}
+    checkpoint: {every: 50, keep: 3}
+    tracking: {uri: null, experiment: lampretrain}
+
+Every key is checked by :func:`lampretrain.config.from_dict` (an unknown key
+names the allowed ones); ``--set train.lr=3e-4`` style overrides are applied
+to the plain YAML data before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class CostSection:
+    """Per-structure cost for rank balancing: atoms·a + edges·b + angles·c (see sampling.CostModel)."""
+
+    atoms: float = 1.0
+    edges: float = 0.0
+    angles: float = 0.0
+
+
+@dataclass
+class SamplingSection:
+    """How datasets are mixed each epoch (sampling.mixing strategies)."""
+
+    strategy: Literal["proportional", "temperature", "uniform", "explicit"] = "proportional"
+    temperature: float = 2.0
+    ratios: dict[str, float] = field(default_factory=dict)  # explicit: {dataset: ratio}
+    epoch_size: int | None = None  # frames per epoch; default: every training frame once
+
+
+@dataclass
+class DataSection:
+    store: str  # directory written by `lampretrain prep`
+    budget: float = 2000.0  # cost per rank and micro-batch (atoms with the default cost model)
+    cost: CostSection = field(default_factory=CostSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    datasets: list[str] | None = None  # train on these datasets of the store only (default: all)
+    max_natoms: int | None = None  # drop larger structures (deepmd's filter:N)
+    split: str = "train"
+    workers: int = 0  # DataLoader worker processes per rank
+
+    def check(self) -> None:
+        if not self.budget > 0:
+            raise ConfigError(f"budget: must be > 0, got {self.budget}")
+        if self.split not in ("train", "val", "test"):
+            raise ConfigError(f"split: '{self.split}' is not one of train, val, test")
+
+
+@dataclass
+class ModelSection:
+    """A backbone made multi-task: per-dataset heads and element references (models.multitask)."""
+
+    name: str  # a lampretrain.models.build name: matris-10m, matris-4m, dpa4-neo, dpa4-air, dpa4-plus, dpa4-pro
+    options: dict[str, Any] = field(default_factory=dict)  # overrides of the family's config dataclass
+    heads: dict[str, Any] = field(default_factory=dict)  # models.multitask.HeadsConfig keys
+
+    def check(self) -> None:
+        from .models import available
+        from .models.multitask import HeadsConfig
+
+        if self.name not in available():
+            raise ConfigError(f"name: unknown model '{self.name}'; available: {', '.join(available())}")
+        try:
+            HeadsConfig.from_dict(self.heads)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"heads: {err}") from None
+
+
+@dataclass
+class ObjectiveSection:
+    """Loss weights per target (per-dataset weights and balancing live in ``options``, read by objectives)."""
+
+    energy: float = 1.0  # on energy per atom
+    forces: float = 1.0  # L2-norm MAE
+    stress: float = 0.0
+    magmoms: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)  # further objectives.ObjectiveConfig keys (balancing, ...)
+
+    def config(self):
+        """The objectives package's own config for these weights and options."""
+        from .objectives import ObjectiveConfig
+
+        data = {"energy_weight": self.energy, "force_weight": self.forces, "stress_weight": self.stress}
+        data["magmom_weight"] = self.magmoms
+        return ObjectiveConfig.from_dict({**data, **self.options})
+
+    def check(self) -> None:
+        try:
+            self.config()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"options: {err}") from None
+
+
+@dataclass
+class OptimSection:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas: expected two numbers, got {self.betas}")
+
+
+@dataclass
+class ScheduleSection:
+    """Learning rate per optimizer step: warmup then cosine, WSD (warmup-stable-decay) or constant."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.0  # lr at step 0 as a fraction of the peak (DPA4: 0.2)
+    decay_fraction: float = 0.65  # wsd: the last fraction of steps decays (DPA4: 0.65)
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000  # optimizer steps of the whole run
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float | None = None
+    ema_decay: float | None = None
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10
+    progress: bool = True  # a progress bar on rank 0
+
+    def check(self) -> None:
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ConfigError("steps and grad_accum must be >= 1")
+
+
+@dataclass
+class EngineSection:
+    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    find_unused_parameters: bool = False  # ddp: parameters that never reach the loss (MatRIS's last bond update)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
+
+    def check(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"zero_stage: {self.zero_stage} is not 1, 2 or 3")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # optimizer steps between checkpoints (and one at the end, and on SIGTERM/SIGUSR1)
+    keep: int = 3  # keep the last K complete checkpoints
+    verify: bool = True  # check file sizes and SHA-256 before loading
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    uri: str | None = None  # MLflow tracking URI; default: a local file store under the run directory
+    experiment: str = "lampretrain"
+    run_name: str | None = None
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataSection
+    model: ModelSection
+    output: str = "outputs/run"  # run directory: checkpoints/, mlruns/, recipe.yaml
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+def _number_literal(override: str) -> str:
+    """``lr=3e-4`` → ``lr=0.0003``: YAML 1.1 reads a float without a dot as a string."""
+    key, sep, raw = override.partition("=")
+    if sep and isinstance(yaml.safe_load(raw), str):
+        try:
+            return f"{key}={float(raw)!r}"
+        except ValueError:
+            pass
+    return override
+
+
+def parse_recipe(data: dict[str, Any], overrides: list[str] | None = None, where: str = "recipe") -> Recipe:
+    """Validate plain data (after ``key.path=value`` overrides) into a :class:`Recipe`."""
+    overrides = [_number_literal(o) for o in overrides or []]
+    return from_dict(Recipe, apply_overrides(copy.deepcopy(data), overrides), where)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe YAML; errors name the file and the key."""
+    return parse_recipe(load_yaml(path), overrides, where=str(path))
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (saved with checkpoints, logged as MLflow params)."""
+    return to_dict(recipe)

@@ -1,0 +1,97 @@
+"""The training stream of one rank: store rows → cost-balanced sampler → DataLoader of graph batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..graph.batch import GraphBatch
+from ..graph.datasets import GraphCollate, LmdbFrameDataset
+from ..recipe import DataSection
+from ..sampling import BalancedBatchSampler, CostModel, dataset_weights, weights_from_mapping
+from ..store.index import StoreIndex
+
+
+class _Rows(Dataset):
+    """Item i of the sampler is store row ``rows[i]`` of ``frames`` (split rows, filtered)."""
+
+    def __init__(self, frames: LmdbFrameDataset, keep: np.ndarray):
+        self.frames, self.keep = frames, keep
+
+    def __len__(self) -> int:
+        return int(self.keep.size)
+
+    def __getitem__(self, i: int):
+        return self.frames[int(self.keep[i])]
+
+
+@dataclass
+class TrainData:
+    index: StoreIndex
+    datasets: list[str]  # names in head order (dataset id k of a batch is datasets[k])
+    sampler: BalancedBatchSampler
+    loader: DataLoader
+    natoms: np.ndarray  # per sampler item
+
+    def stream(self, epoch: int, position: int) -> Iterator[tuple[int, int, GraphBatch]]:
+        """(epoch, micro-batches consumed in that epoch, batch) forever, from (epoch, position) on.
+
+        The sampler is positioned explicitly before each epoch, so a resumed
+        run continues exactly where the checkpoint's position says, however far
+        the DataLoader had prefetched.
+        """
+        while True:
+            self.sampler.load_state_dict({"epoch": epoch, "position": position})
+            for batch in self.loader:
+                position += 1
+                yield epoch, position, batch
+            epoch, position = epoch + 1, 0
+
+
+def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) -> TrainData:
+    index = StoreIndex.open(cfg.store)
+    names = cfg.datasets or index.datasets
+    unknown = sorted(set(names) - set(index.datasets))
+    if unknown:
+        raise ValueError(f"data.datasets names {unknown}, not in store {cfg.store} (has {index.datasets})")
+    rows = index.rows(cfg.split)
+    frames = LmdbFrameDataset.from_index(index, cfg.split)
+    store_ds = np.asarray(index.dataset[rows], dtype=np.int64)
+    wanted = np.array([index.datasets.index(n) for n in names])
+    keep = np.isin(store_ds, wanted)
+    if cfg.max_natoms is not None:
+        keep &= index.natoms[rows] <= cfg.max_natoms
+    keep = np.nonzero(keep)[0]
+    if keep.size == 0:
+        raise ValueError(f"data: no '{cfg.split}' frames left in {cfg.store} for datasets {names} (max_natoms={cfg.max_natoms})")
+    sel = rows[keep]
+    remap = np.full(len(index.datasets), -1, dtype=np.int64)
+    remap[wanted] = np.arange(len(names))
+    head_ds = remap[store_ds[keep]]
+    cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[sel], index.n_edges[sel], index.n_angles[sel])
+    sizes = np.bincount(head_ds, minlength=len(names))
+    s = cfg.sampling
+    if s.strategy == "explicit":
+        weights = weights_from_mapping(names, s.ratios)
+    elif s.strategy == "proportional" and s.epoch_size is None:
+        weights = None
+    else:
+        weights = dataset_weights(sizes, s.strategy, s.temperature)
+    sampler = BalancedBatchSampler(
+        cost, cfg.budget, rank, world_size, dataset=head_ds, weights=weights, epoch_size=s.epoch_size, seed=seed
+    )
+    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)})
+    loader = DataLoader(
+        _Rows(frames, keep),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),  # iter(loader) draws a seed: keep it off the global RNG
+    )
+    return TrainData(index, list(names), sampler, loader, np.asarray(index.natoms[sel]))

@@ -1,0 +1,348 @@
+"""The pretraining loop: data → model → loss → engine step, with checkpoints, resume and tracking.
+
+One optimizer step, as :func:`pretrain` runs it::
+
+    lr = peak · lr_factor(step)                        # schedules.py, a pure function of the step
+    for k in range(grad_accum):                        # micro-batches from the cost-balanced sampler
+        with engine.gradient_sync(k == grad_accum - 1):
+            out = engine.forward(batch)                # energy, forces = −∂E/∂x, stress (create_graph)
+            loss, metrics = objective(out, batch)      # masked per-dataset losses, no host sync
+            engine.backward(loss / grad_accum)         # double backward through the force graph
+    grad_norm = engine.step(clip)                      # clip, AdamW, zero grads
+    ema.update()
+
+Everything else (logging, checkpoints, signals) happens between steps. The
+only host syncs per step are the preemption flag (a gloo all-reduce of one
+int) and, every ``log_every`` steps, one all-reduce of the metric window.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
+from ..objectives import MultiTaskObjective
+from ..recipe import Recipe, recipe_dict
+from . import checkpoint as ckpt
+from .data import build_train_data
+from .distributed import Context, setup, teardown
+from .ema import EMA
+from .engines import Engine, make_engine
+from .schedules import lr_factor
+from .tracking import Tracker
+
+
+@dataclass
+class RunResult:
+    step: int
+    checkpoint: Path | None
+    run_dir: Path
+    mlflow_uri: str
+    mlflow_run_id: str | None
+    preempted: bool
+    last_metrics: dict[str, float]
+
+
+class MetricWindow:
+    """Device-side sums of step metrics between two logs; one all-reduce turns them into averages.
+
+    A metric ``X_mae`` that comes with ``X_count`` is averaged weighted by its
+    count (a dataset absent from a micro-batch has count 0 and weighs nothing);
+    ``*_count``/``*n_graphs`` are summed; everything else is a plain mean over
+    micro-batches.
+    """
+
+    def __init__(self):
+        self.num: dict[str, torch.Tensor] = {}
+        self.den: dict[str, torch.Tensor | float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float()
+            count_key = key[: -len("_mae")] + "_count" if key.endswith("_mae") else None
+            if count_key and count_key in metrics:
+                weight = metrics[count_key].detach().float()
+                self._acc(key, value * weight, weight)
+            elif key.endswith("_count") or key.endswith("n_graphs"):
+                self._acc(key, value, None)
+            else:
+                self._acc(key, value, 1.0)
+
+    def _acc(self, key: str, num: torch.Tensor, den) -> None:
+        self.num[key] = self.num[key] + num if key in self.num else num
+        if den is not None:
+            self.den[key] = self.den[key] + den if key in self.den else den
+
+    def reduce(self, world_size: int) -> dict[str, float]:
+        """All ranks call this together; returns averages over all ranks and micro-batches."""
+        if not self.num:
+            return {}
+        keys = sorted(self.num)
+        device = next(iter(self.num.values())).device
+        dens = [torch.as_tensor(self.den.get(k, 1.0), dtype=torch.float32, device=device) for k in keys]
+        flat = torch.stack([self.num[k].reshape(()) for k in keys] + [d.reshape(()) for d in dens])
+        dist.all_reduce(flat)
+        values = flat.tolist()
+        n = len(keys)
+        out = {}
+        for i, key in enumerate(keys):
+            if key in self.den:
+                if values[n + i] > 0:
+                    out[key] = values[i] / values[n + i]
+            else:
+                out[key] = values[i]
+        self.num.clear()
+        self.den.clear()
+        return out
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 set a flag; all ranks agree on it after every step (gloo MAX of one int)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self) -> bool:
+        t = torch.tensor([int(self.flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+
+def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> MultiTaskModel:
+    specs = [DatasetSpec.from_stats(n, stats.get(n, {})) for n in datasets]
+    config = MultiTaskConfig(
+        backbone=recipe.model.name,
+        datasets=specs,
+        heads=HeadsConfig.from_dict(recipe.model.heads),
+        backbone_options=dict(recipe.model.options),
+    )
+    return MultiTaskModel(config)
+
+
+def _autocast(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    if recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda"):
+        if device.type != "cuda":
+            raise ValueError("train.precision: bf16 autocast is for GPUs; use fp32 (or auto) on CPU")
+        return torch.bfloat16
+    return None
+
+
+def _rng_tensors(ctx: Context) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return {f"rank{ctx.rank}": state}
+
+
+def _set_rng(ctx: Context, saved: dict[str, torch.Tensor]) -> None:
+    mine = saved[f"rank{ctx.rank}"]
+    torch.set_rng_state(mine["cpu"])
+    if "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], ctx.device)
+
+
+def _state(engine: Engine, ema: EMA | None, objective: torch.nn.Module, ctx: Context) -> tuple[dict, dict]:
+    tensors, extras = engine.state_tensors()
+    if ema is not None:
+        tensors["ema"] = ema.state_dict()
+    if len(objective.state_dict()):
+        tensors["objective"] = objective.state_dict()
+    tensors["rng"] = _rng_tensors(ctx)
+    return tensors, extras
+
+
+def pretrain(recipe: Recipe, resume: str | None = None, max_steps: int | None = None) -> RunResult:
+    """Run (or continue) the recipe; every rank calls this. ``resume``: None, "auto" or a checkpoint path.
+
+    ``max_steps`` stops early at that step (the schedule still follows ``train.steps``).
+    """
+    ctx = setup(recipe.train.device, recipe.engine.backend)
+    try:
+        return _run(recipe, ctx, resume, max_steps)
+    finally:
+        teardown()
+
+
+def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None) -> RunResult:
+    tr = recipe.train
+    run_dir = Path(recipe.output)
+    ckpt_root = run_dir / "checkpoints"
+    resolved = recipe_dict(recipe)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    torch.manual_seed(tr.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    data = build_train_data(recipe.data, ctx.rank, ctx.world_size, tr.seed)
+    model = build_model(recipe, data.datasets, data.index.stats())
+    objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
+    o = recipe.optim
+
+    def optimizer_factory(params):
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    engine = make_engine(
+        recipe.engine.name, model, optimizer_factory, ctx.device, _autocast(recipe, ctx.device),
+        grad_accum=tr.grad_accum, zero_stage=recipe.engine.zero_stage, max_norm=tr.clip_grad_norm,
+        deepspeed_config=recipe.engine.deepspeed, find_unused_parameters=recipe.engine.find_unused_parameters,
+    )
+    aux = [p for p in objective.parameters() if p.requires_grad]  # e.g. uncertainty-weighting log σ
+    aux_opt = torch.optim.AdamW(aux, lr=o.lr, weight_decay=0.0) if aux else None
+    ema = EMA(engine.named_parameters(), tr.ema_decay) if tr.ema_decay else None
+
+    step, epoch, position, run_id = 0, 0, 0, None
+    source = _resume_source(ckpt_root, resume, ctx, recipe.checkpoint.verify)
+    if source is not None:
+        meta = ckpt.read_meta(source)
+        tensors, extras = _state(engine, ema, objective, ctx)
+        if meta["world_size"] != ctx.world_size:
+            raise ValueError(f"{source}: saved at world size {meta['world_size']}, resuming at {ctx.world_size}")
+        ckpt.load(source, tensors)
+        engine.load_state_tensors(tensors, meta["engine"])
+        if "objective" in tensors:
+            objective.load_state_dict(tensors["objective"])
+        _set_rng(ctx, tensors["rng"])
+        step, epoch, position, run_id = meta["step"], meta["epoch"], meta["position"], meta["mlflow_run_id"]
+
+    tracker = Tracker(
+        run_dir, recipe.tracking.uri, recipe.tracking.experiment, recipe.tracking.run_name or recipe.name,
+        active=ctx.is_main and recipe.tracking.enabled, run_id=run_id,
+    )
+    tracker.log_recipe(resolved)
+    if ctx.is_main:
+        where = f"resumed from {source} at step {step}" if source else "fresh start"
+        print(f"[lampretrain] {recipe.name}: {ctx.world_size} rank(s) on {ctx.device}, engine {engine.name}, "
+              f"{sum(p.numel() for p in model.parameters())} parameters, {where}", flush=True)
+
+    preempt = Preemption(ctx.control)
+    stop_at = min(tr.steps, max_steps or tr.steps)
+    window = MetricWindow()
+    stream = data.stream(epoch, position)
+    bar = _progress(ctx, tr, step, stop_at)
+    model.train()
+    last_ckpt, last_metrics, preempted = None, {}, False
+    t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
+    while step < stop_at:
+        engine.set_lr(o.lr * lr_factor(step, tr.steps, recipe.schedule, o.lr))
+        for k in range(tr.grad_accum):
+            epoch, position, batch = next(stream)
+            batch = batch.to(ctx.device, non_blocking=True)
+            with engine.gradient_sync(k == tr.grad_accum - 1):
+                out = engine.forward(batch)
+                loss, metrics = objective(out, batch)
+                engine.backward(loss / tr.grad_accum)
+            window.add(metrics)
+            atoms += int(batch.positions.shape[0])
+            graphs += int(batch.n_atoms.shape[0])
+        if aux_opt is not None:
+            _average_grads(aux, ctx.world_size)
+            aux_opt.step()
+            aux_opt.zero_grad(set_to_none=True)
+        grad_norm = engine.step(tr.clip_grad_norm)
+        if ema is not None:
+            ema.update()
+        step += 1
+        win_steps += 1
+        window.add({"grad_norm": grad_norm.detach().to(ctx.device)})
+        if bar is not None:
+            bar.update(1)
+        if step % tr.log_every == 0 or step == stop_at:
+            last_metrics = _log(window, ctx, tracker, step, time.perf_counter() - t_window, atoms, graphs, win_steps,
+                                engine, bar)
+            t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
+        preempted = preempt.agreed()
+        if preempted or step % recipe.checkpoint.every == 0 or step == stop_at:
+            tensors, extras = _state(engine, ema, objective, ctx)
+            meta = {
+                "step": step, "epoch": epoch, "position": position, "world_size": ctx.world_size,
+                "sampler": data.sampler.state_dict(position=position) | {"epoch": epoch},
+                "mlflow_run_id": tracker.run_id if ctx.is_main else None, "engine": extras,
+                "recipe": resolved, "torch": torch.__version__, "time": time.time(),
+            }
+            meta["mlflow_run_id"] = _broadcast(meta["mlflow_run_id"])
+            last_ckpt = ckpt.save(ckpt_root, step, tensors, meta, recipe.checkpoint.keep)
+        if preempted:
+            if ctx.is_main:
+                print(f"[lampretrain] preempted: checkpoint {last_ckpt} at step {step}", flush=True)
+            break
+    if bar is not None:
+        bar.close()
+    engine.close()
+    tracker.finish("KILLED" if preempted else "FINISHED")
+    return RunResult(step, last_ckpt, run_dir, tracker.uri, tracker.run_id, preempted, last_metrics)
+
+
+def _resume_source(root: Path, resume: str | None, ctx: Context, verify_hashes: bool) -> Path | None:
+    """Rank 0 picks the checkpoint (newest that verifies for "auto") and tells the others."""
+    if resume is None:
+        return None
+    choice = None
+    if ctx.is_main:
+        if resume == "auto":
+            found = ckpt.latest(root, hashes=verify_hashes)
+            choice = str(found) if found else None
+        else:
+            ckpt.verify(Path(resume), hashes=verify_hashes)
+            choice = resume
+    choice = _broadcast(choice)
+    return Path(choice) if choice else None
+
+
+def _broadcast(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _average_grads(params: list[torch.Tensor], world_size: int) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size
+
+
+def _progress(ctx: Context, tr, start: int, total: int):
+    if not (ctx.is_main and tr.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+def _log(window: MetricWindow, ctx: Context, tracker: Tracker, step: int, seconds: float, atoms: int, graphs: int,
+         steps: int, engine: Engine, bar) -> dict[str, float]:
+    local = torch.tensor([atoms, seconds, graphs], dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, local, group=ctx.control)
+    per_rank = torch.stack(gathered)
+    metrics = window.reduce(ctx.world_size)
+    wall = float(per_rank[:, 1].max())
+    total_atoms = float(per_rank[:, 0].sum())
+    metrics.update({
+        "lr": engine.optimizer.param_groups[0]["lr"],
+        "step_time_s": wall / max(steps, 1),
+        "atoms_per_s": total_atoms / max(wall, 1e-9),
+        "graphs_per_s": float(per_rank[:, 2].sum()) / max(wall, 1e-9),
+        "imbalance_atoms": float(per_rank[:, 0].max() / per_rank[:, 0].mean().clamp(min=1.0)),
+    })
+    if ctx.is_main:
+        tracker.log_metrics(metrics, step)
+        if bar is not None and math.isfinite(metrics.get("loss", float("nan"))):
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", atoms_s=f"{metrics['atoms_per_s']:.0f}")
+    return metrics

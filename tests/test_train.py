@@ -1,0 +1,257 @@
+"""The trainer end to end: recipes, schedules, checkpoints, resume after SIGKILL, SIGTERM, MLflow, two nodes.
+
+Multi-process tests launch the real command line under torchrun (gloo on
+CPU) on a small store prepared from the bundled real DFT fixtures (FeO PBE+U
+and Al r2SCAN from VASP with stress, SPICE and ANI-1x molecules).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lampretrain.config import ConfigError
+from lampretrain.recipe import ScheduleSection, load_recipe, parse_recipe
+from lampretrain.train import checkpoint as ckpt
+from lampretrain.train.schedules import lr_factor
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO / "tests" / "data" / "real"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    from lampretrain.prep.pipeline import prepare
+    from lampretrain.prep.spec import PrepSpec
+    from lampretrain.config import from_dict
+
+    out = tmp_path_factory.mktemp("store")
+    spec = from_dict(PrepSpec, {
+        "name": "train-test",
+        "output": str(out),
+        "sources": [
+            {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
+            {"path": str(REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"), "dataset": "mp_r2scan"},
+            {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
+            {"path": str(REAL / "ani1x_hdf5/ani1_n5.hdf5"), "dataset": "ani1x"},
+        ],
+        "split": {"val": 0.1},
+        "shard_size_mb": 1,
+    })
+    prepare(spec, workers=1, progress=False)
+    return out
+
+
+def write_recipe(tmp_path: Path, store: Path, **sections) -> Path:
+    recipe = yaml.safe_load((REPO / "recipes" / "demo-dpa4.yaml").read_text())
+    recipe["data"].update(store=str(store), budget=60, max_natoms=30)
+    recipe["model"]["options"] = {"channels": 8, "lmax": 1, "n_blocks": 1, "so2_layers": 1, "n_radial": 4, "cutoff": 5.0}
+    recipe["model"]["heads"] = {"hidden": [8]}
+    recipe["output"] = str(tmp_path / "run")
+    recipe["train"].update(progress=False, log_every=2, steps=8, ema_decay=0.9)
+    recipe["checkpoint"].update(every=2, keep=3)
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def pretrain_cmd(recipe: Path, *extra: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "lampretrain.cli", "pretrain", str(recipe), *extra]
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def saved_tensors(path: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{path.parent.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+        else:
+            flat[prefix] = node
+
+    walk("", torch.load(out, weights_only=True))
+    return flat
+
+
+# --- recipes and schedules -------------------------------------------------------------------------------------------
+
+
+def test_recipe_rejects_unknown_keys_and_applies_overrides():
+    base = yaml.safe_load((REPO / "recipes" / "demo-matris.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"unknown key 'lrate'.*allowed keys: name, lr, weight_decay"):
+        parse_recipe({**base, "optim": {"lrate": 1e-3}})
+    with pytest.raises(ConfigError, match=r"engine.name: 'horovod' is not allowed; choose one of 'ddp', 'fsdp', 'deepspeed'"):
+        parse_recipe(dict(base), ["engine.name=horovod"])
+    with pytest.raises(ConfigError, match=r"unknown model 'matris-99m'"):
+        parse_recipe(dict(base), ["model.name=matris-99m"])
+    with pytest.raises(ConfigError, match=r"objective.*balancing"):
+        parse_recipe(dict(base), ["objective.options.balancing=magic"])
+    recipe = parse_recipe(dict(base), ["optim.lr=3e-4", "train.steps=7"])
+    assert recipe.optim.lr == 3e-4 and recipe.train.steps == 7
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.model.name and recipe.train.steps > 0
+
+
+def test_schedules():
+    cos = ScheduleSection(kind="cosine", warmup_steps=10, warmup_start_factor=0.0, min_lr=0.0)
+    assert lr_factor(0, 110, cos, 1.0) == 0.0
+    assert lr_factor(5, 110, cos, 1.0) == pytest.approx(0.5)
+    assert lr_factor(10, 110, cos, 1.0) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cos, 1.0) == pytest.approx(0.5)  # half way through the cosine
+    assert lr_factor(110, 110, cos, 1.0) == pytest.approx(0.0)
+    wsd = ScheduleSection(kind="wsd", warmup_steps=10, warmup_start_factor=0.2, decay_fraction=0.5, min_lr=0.1)
+    assert lr_factor(0, 100, wsd, 1.0) == pytest.approx(0.2)
+    assert lr_factor(30, 100, wsd, 1.0) == 1.0 and lr_factor(49, 100, wsd, 1.0) == 1.0  # stable phase
+    assert lr_factor(75, 100, wsd, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, 100, wsd, 1.0) == pytest.approx(0.1)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def test_metadata_unpickler_refuses_code(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        ckpt._MetadataUnpickler(open(tmp_path / ".metadata", "rb")).load()
+
+
+# --- real runs -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_single_process_run_logs_to_mlflow_and_sigterm_checkpoints(store, tmp_path):
+    """A plain process: loss goes down, MLflow has params and per-dataset metrics; SIGTERM → checkpoint, exit 0;
+    a corrupted newest checkpoint is skipped by --resume auto."""
+    recipe = write_recipe(tmp_path, store, train={"steps": 400, "log_every": 2}, checkpoint={"every": 4, "keep": 3})
+    cmd = [sys.executable, "-m", "lampretrain.cli", "pretrain", str(recipe)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+    root = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while not (root / "step-000000012").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:] if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    assert "preempted" in out
+    steps = [s for s, _ in ckpt.checkpoint_dirs(root)]
+    assert len(steps) == 3 and steps[-1] >= 12  # keep-last-3, the SIGTERM one last
+    last = ckpt.checkpoint_dirs(root)[-1][1]
+    ckpt.verify(last)
+    meta = ckpt.read_meta(last)
+    assert meta["step"] == steps[-1] and meta["recipe"]["train"]["steps"] == 400
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    run_info = client.get_run(meta["mlflow_run_id"])
+    assert run_info.data.params["optim.lr"] == "0.002"
+    assert run_info.data.params["model.name"] == "dpa4-neo"
+    for key in ("loss", "atoms_per_s", "graphs_per_s", "imbalance_atoms", "spice/forces_mae", "mp_pbeu/stress_mae"):
+        assert key in run_info.data.metrics, key
+    loss = [m.value for m in client.get_metric_history(run_info.info.run_id, "loss")]
+    assert len(loss) >= 6 and all(map(math.isfinite, loss))  # learning itself: tests/test_engines.py (fixed batches)
+
+    # corrupt the newest checkpoint's tensor file: resume must fall back to the previous one
+    shard = sorted(last.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="does not match its SHA-256"):
+        assert ckpt.latest(root) == ckpt.checkpoint_dirs(root)[-2][1]
+    previous = ckpt.checkpoint_dirs(root)[-2][0]
+    res = run(cmd + ["--resume", "auto", "--max-steps", str(previous + 1)])
+    assert f"resumed from {root / f'step-{previous:09d}'} at step {previous}" in res.stdout
+    assert meta["mlflow_run_id"] in res.stdout  # the same MLflow run continues
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_is_bitwise(store, tmp_path):
+    """2 ranks, DDP: killed with SIGKILL after the step-4 checkpoint, resumed → step-8 state bitwise equal."""
+    (tmp_path / "ref").mkdir()
+    run(pretrain_cmd(write_recipe(tmp_path / "ref", store)))
+    (tmp_path / "kill").mkdir()
+    recipe = write_recipe(tmp_path / "kill", store)
+    proc = subprocess.Popen(pretrain_cmd(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=REPO,
+                            start_new_session=True)
+    root = tmp_path / "kill" / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while not (root / "step-000000004").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "step-000000008").exists()
+    res = run(pretrain_cmd(recipe, "--resume", "auto"))
+    assert "resumed from" in res.stdout
+    a = saved_tensors(tmp_path / "ref" / "run" / "checkpoints" / "step-000000008", tmp_path)
+    b = saved_tensors(root / "step-000000008", tmp_path)
+    assert a.keys() == b.keys()
+    compared = [k for k in a if k.startswith(("/model", "/optim", "/ema"))]
+    assert len(compared) > 50
+    for k in compared:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_and_checkpoint(store, tmp_path):
+    recipe = write_recipe(tmp_path, store, train={"steps": 4}, checkpoint={"every": 4})
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+             str(r), "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lampretrain.cli", "pretrain",
+             str(recipe)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "2 rank(s)" in outs[0]
+    last = tmp_path / "run" / "checkpoints" / "step-000000004"
+    ckpt.verify(last)
+    assert ckpt.read_meta(last)["world_size"] == 2
+    assert len(list(last.glob("*.distcp"))) == 2  # each node wrote its shard (its RNG state at least)

@@ -302,18 +302,14 @@ def test_node_features_and_float32():
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_benchmark_prints_one_json_line(tmp_path, capsys, mode):
-    import importlib.util
-
     from ase.io import write
 
-    spec = importlib.util.spec_from_file_location("model_step", Path(__file__).parents[1] / "benchmarks" / "model_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from lampretrain.bench import model_step as bench
     structures = tmp_path / "two.extxyz"
     write(structures, [oxide_frame(10).to_atoms(), molecule_frame("C4H3O1").to_atoms()])
     sets = [f"--set={k}={list(v) if isinstance(v, tuple) else v}" for k, v in SMALL.items()]
     argv = ["--model", "matris-10m", "--structures", str(structures), "--mode", mode, "--repeat", "1", "--warmup", "0"]
-    result = bench.main(argv + sets + ["--json-out", str(tmp_path / "out.json")])
+    result = bench.run(argv + sets + ["--json-out", str(tmp_path / "out.json")])
     line = capsys.readouterr().out.strip()
     assert json.loads(line) == result == json.loads((tmp_path / "out.json").read_text())
     assert list(result) == [

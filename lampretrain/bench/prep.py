@@ -13,7 +13,6 @@ angles for the index and writes two formats.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import tempfile

@@ -22,7 +22,7 @@ import numpy as np
 
 from lampretrain.frames import HARTREE_TO_EV, Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
-from lampretrain.io.hdf5 import groups_with, open_hdf5
+from lampretrain.io.hdf5 import conformer_arrays, groups_with, open_hdf5
 
 
 def read_ani_hdf5(
@@ -47,22 +47,10 @@ def read_ani_hdf5(
         for name in groups_with(h5, ("atomic_numbers", "coordinates")):
             g = h5[name or "/"]
             try:
-                numbers = np.asarray(g["atomic_numbers"][()], dtype=np.int64)
-                positions = np.asarray(g["coordinates"][()], dtype=np.float64)  # (M, N, 3) Å
-                if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
-                    shape = positions.shape
-                    raise ReadError(f"expected (M, {len(numbers)}, 3), got {shape}", path, name, "coordinates")
+                numbers, positions, energy, forces = conformer_arrays(
+                    g, path, name, "coordinates", energy_key, forces_key, 1.0, HARTREE_TO_EV, HARTREE_TO_EV
+                )
                 nconf = len(positions)
-                if energy_key not in g:
-                    raise ReadError(f"missing dataset {energy_key!r}", path, name, energy_key)
-                energy = np.asarray(g[energy_key][()], dtype=np.float64) * HARTREE_TO_EV  # (M,)
-                if energy.shape != (nconf,):
-                    raise ReadError(f"expected ({nconf},), got {energy.shape}", path, name, energy_key)
-                forces = None
-                if forces_key in g:
-                    forces = np.asarray(g[forces_key][()], dtype=np.float64) * HARTREE_TO_EV  # (M, N, 3)
-                    if forces.shape != positions.shape:
-                        raise ReadError(f"expected {positions.shape}, got {forces.shape}", path, name, forces_key)
             except ReadError as exc:
                 report(on_error, exc)
                 continue

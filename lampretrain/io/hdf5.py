@@ -27,3 +27,36 @@ def groups_with(h5, required: tuple[str, ...]) -> list[str]:
 
     h5.visititems(visit)
     return sorted(names)
+
+
+def conformer_arrays(
+    g,
+    path: str | Path,
+    name: str,
+    positions_key: str,
+    energy_key: str,
+    forces_key: str,
+    length_scale: float,
+    energy_scale: float,
+    forces_scale: float,
+):
+    """(numbers (N,), positions (M, N, 3) Å, energy (M,) eV, forces (M, N, 3) eV/Å or None) of one
+    conformer group, scaled to lampretrain units; a shape mismatch or a missing energy is a ReadError
+    naming the group and dataset. ``forces_scale`` carries the sign (−1 × ... for gradients)."""
+    import numpy as np
+
+    numbers = np.asarray(g["atomic_numbers"][()], dtype=np.int64)
+    positions = np.asarray(g[positions_key][()], dtype=np.float64) * length_scale  # (M, N, 3)
+    if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
+        raise ReadError(f"expected (M, {len(numbers)}, 3), got {positions.shape}", path, name, positions_key)
+    if energy_key not in g:
+        raise ReadError(f"missing dataset {energy_key!r}", path, name, energy_key)
+    energy = np.asarray(g[energy_key][()], dtype=np.float64) * energy_scale  # (M,)
+    if energy.shape != (len(positions),):
+        raise ReadError(f"expected ({len(positions)},), got {energy.shape}", path, name, energy_key)
+    forces = None
+    if forces_key in g:
+        forces = np.asarray(g[forces_key][()], dtype=np.float64) * forces_scale  # (M, N, 3)
+        if forces.shape != positions.shape:
+            raise ReadError(f"expected {positions.shape}, got {forces.shape}", path, name, forces_key)
+    return numbers, positions, energy, forces

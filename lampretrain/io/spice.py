@@ -21,7 +21,7 @@ import numpy as np
 
 from lampretrain.frames import BOHR_TO_ANGSTROM, HARTREE_TO_EV, Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
-from lampretrain.io.hdf5 import groups_with, open_hdf5
+from lampretrain.io.hdf5 import conformer_arrays, groups_with, open_hdf5
 
 _BRACKET_ATOM = re.compile(r"\[([^\]]*)\]")
 _CHARGE = re.compile(r"(\++|-+)(\d*)$")
@@ -65,22 +65,11 @@ def read_spice_hdf5(
         for name in groups_with(h5, ("atomic_numbers", "conformations")):
             g = h5[name or "/"]
             try:
-                numbers = np.asarray(g["atomic_numbers"][()], dtype=np.int64)
-                positions = np.asarray(g["conformations"][()], dtype=np.float64) * BOHR_TO_ANGSTROM  # (M, N, 3)
-                if positions.ndim != 3 or positions.shape[1:] != (len(numbers), 3):
-                    shape = positions.shape
-                    raise ReadError(f"expected (M, {len(numbers)}, 3), got {shape}", path, name, "conformations")
+                numbers, positions, energy, forces = conformer_arrays(
+                    g, path, name, "conformations", energy_key, gradient_key,
+                    BOHR_TO_ANGSTROM, HARTREE_TO_EV, -HARTREE_TO_EV / BOHR_TO_ANGSTROM,
+                )
                 nconf = len(positions)
-                if energy_key not in g:
-                    raise ReadError(f"missing dataset {energy_key!r}", path, name, energy_key)
-                energy = np.asarray(g[energy_key][()], dtype=np.float64) * HARTREE_TO_EV  # (M,)
-                if energy.shape != (nconf,):
-                    raise ReadError(f"expected ({nconf},), got {energy.shape}", path, name, energy_key)
-                forces = None
-                if gradient_key in g:
-                    forces = -np.asarray(g[gradient_key][()], dtype=np.float64) * (HARTREE_TO_EV / BOHR_TO_ANGSTROM)
-                    if forces.shape != positions.shape:
-                        raise ReadError(f"expected {positions.shape}, got {forces.shape}", path, name, gradient_key)
                 info = {key: _text(g[key][()]) for key in ("smiles", "subset") if key in g}
             except ReadError as exc:
                 report(on_error, exc)

@@ -9,7 +9,7 @@ import torch
 
 from lampretrain.models.layers.lebedev import lebedev_grid, lebedev_order_for
 from lampretrain.models.layers.s2_grid import SphereGrid
-from lampretrain.models.layers.so2 import SO2Linear, m_major_rows
+from lampretrain.models.layers.so2 import SO2Linear, m_major_rows, m_part_rows
 from lampretrain.models.layers.spherical_harmonics import real_spherical_harmonics, sh_dim
 from lampretrain.models.layers.wigner import (
     WignerD,
@@ -95,9 +95,15 @@ def test_so2_linear_commutes_with_rolls_about_the_edge():
     roll = quaternion_to_matrix(z_roll_quaternion(torch.tensor([0.7], dtype=DT)))
     d_roll = wigner(roll)[0][:, rows]  # (rows, rows) acting on m-major coefficients
     x = torch.randn(2, 5, len(rows), c, generator=gen, dtype=DT)
-    rolled_then = layer(torch.einsum("rs,fesc->ferc", d_roll, x).flatten(2))
-    then_rolled = torch.einsum("rs,fesc->ferc", d_roll, layer(x.flatten(2)).unflatten(-1, (len(rows), c)))
-    assert torch.allclose(rolled_then, then_rolled.flatten(2), atol=1e-12)
+    parts = m_part_rows(lmax, mmax)
+
+    def apply(x):  # (F, E, rows, C) in m-major order, through the per-|m| parts and back
+        out = layer([p.flatten(2) for p in x.split(parts, dim=2)])
+        return torch.cat([o.unflatten(-1, (-1, c)) for o in out], dim=2)
+
+    rolled_then = apply(torch.einsum("rs,fesc->ferc", d_roll, x))
+    then_rolled = torch.einsum("rs,fesc->ferc", d_roll, apply(x))
+    assert torch.allclose(rolled_then, then_rolled, atol=1e-12)
 
 
 def test_z_roll_composes_with_edge_quaternions():

@@ -27,6 +27,7 @@ class DPA4Config:
     env_seed: bool = True
     random_roll: bool = True  # random roll of every edge frame about its axis, in training
     autocast_bf16: bool = False  # bf16 autocast inside the interaction blocks only
+    checkpoint_so2: bool = True  # recompute the per-edge SO(2) stacks in the backward pass (eager only)
     focus_temperature: float = 1.0
     focus_smoothing: float = 0.02
 

@@ -13,10 +13,11 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers.equivariant_norm import RMSNorm
 from ..layers.scatter import scatter_max, scatter_sum
-from ..layers.so2 import SO2Linear, m_major_order
+from ..layers.so2 import SO2Linear
 from ..layers.so3_linear import SO3Linear
 from .config import DPA4Config
 from .geometry import EdgeCache
@@ -31,10 +32,13 @@ def _trunc_normal(*shape: int, std: float) -> nn.Parameter:
 
 
 class LowRankEdgeProduct(nn.Module):
-    """(A1) y_{l m c} = Σ_r B_{r c} Σ_{l'} K^{(r)}_{l l' |m|}(ρ̃) x_{l' m c} (DPA4 eqs. 18–20).
+    """(A1) y_{l m c} = Σ_r B_{r c} Σ_{l'} K^{(r)}_{l l' |m|}(ρ̃) x_{l' m c} (DPA4 eqs. 18–20), fused with the rotation.
 
     K = ρ̃_flat W with ρ̃ the (L+1)·H radial features of the edge; one (L−m+1)² degree
     matrix per |m| and rank, the same for −m and +m (so it commutes with rolls).
+    Since x = P_M D h'_j, y = Σ_r (K_r P_M D) (B_r ⊙ h'_j): the tiny per-edge matrices
+    K_r P_M D (E, rows, D) are formed first and B_r scales the node features before the
+    gather, so the only (E, ·, H)-sized work is one gather and one bmm per |m| part.
     """
 
     def __init__(self, cfg: DPA4Config):
@@ -47,19 +51,20 @@ class LowRankEdgeProduct(nn.Module):
         self.kernel = _trunc_normal(fan_in, fan_out, std=1 / math.sqrt(fan_in + fan_out))
         self.channel_mix = _trunc_normal(r, h, std=1 / math.sqrt(r + h))
 
-    def forward(self, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-        """x (E, D_M, H) in m-major rows, rho (E, L+1, H) → (E, D_M, H)."""
+    def forward(self, xp: torch.Tensor, geo: EdgeCache, rho: torch.Tensor) -> list[torch.Tensor]:
+        """xp (N, D, H) node features, rho (E, L+1, H) → per |m| part (E, rows_m, H) in the edge frame."""
+        n_edges = rho.shape[0]
+        scaled = (xp[:, None] * self.channel_mix[:, None, :].to(xp.dtype)).flatten(1, 2)  # (N, R·D, H)
+        source = scaled.index_select(0, geo.src)  # (E, R·D, H)
         kernel = rho.flatten(1) @ self.kernel  # (E, K_deg·R)
-        out, row, col = [], 0, 0
-        for m, n in enumerate(self.block_sizes):
+        parts, col = [], 0
+        for m, (n, rotation) in enumerate(zip(self.block_sizes, geo.to_local)):
             k = kernel[:, col : col + n * n * self.rank].unflatten(1, (self.rank, n, n))  # (E, R, n, n)
             col += n * n * self.rank
-            signs = 1 if m == 0 else 2
-            xb = x[:, row : row + signs * n].unflatten(1, (signs, n))  # (E, ±, n, H)
-            row += signs * n
-            y = torch.einsum("erij,epjc,rc->epic", k, xb, self.channel_mix)
-            out.append(y.flatten(1, 2))
-        return torch.cat(out, dim=1)
+            rows = rotation.unflatten(1, (1 if m == 0 else 2, n)).to(k.dtype)  # (E, ±, n, D)
+            fused = torch.einsum("erij,epjd->epird", k, rows).reshape(n_edges, rotation.shape[1], -1)  # (E, rows, R·D)
+            parts.append(torch.bmm(fused.to(source.dtype), source))
+        return parts
 
 
 class FocusGate(nn.Module):
@@ -69,14 +74,26 @@ class FocusGate(nn.Module):
         super().__init__()
         cf = cfg.focus_channels
         self.weight = _normal(cfg.n_focus, cf, cfg.lmax * cf, std=0.01)
-        rows = m_major_order(cfg.lmax, cfg.mmax)
-        self.register_buffer("row_degree", torch.tensor([l - 1 for l, _ in rows[1:]]), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (F, E, D_M, C_f) → same."""
-        scalar = x[:, :, 0]  # (F, E, C_f)
-        gates = torch.sigmoid(torch.bmm(scalar, self.weight)).unflatten(-1, (-1, x.shape[-1]))  # (F, E, L, C_f)
-        return torch.cat([nn.functional.silu(scalar)[:, :, None], x[:, :, 1:] * gates.index_select(2, self.row_degree)], 2)
+    def forward(self, scalar: torch.Tensor) -> torch.Tensor:
+        """scalar x₀₀ (F, E, C_f) → per-degree factors (F, E, L+1, C_f).
+
+        Slot 0 is σ(x₀₀), so multiplying the (0, 0) row by it gives SiLU(x₀₀); slot l ≥ 1
+        multiplies every row of degree l, whatever its m.
+        """
+        return torch.sigmoid(torch.cat([scalar, torch.bmm(scalar, self.weight)], dim=-1)).unflatten(-1, (-1, scalar.shape[-1]))
+
+
+def gated_residual(x: list[torch.Tensor], y: list[torch.Tensor], gates: torch.Tensor | None) -> list[torch.Tensor]:
+    """x + Γ(y) on every |m| part (F, E, rows_m·C_f), with per-degree gates (F, E, L+1, C_f) or none."""
+    if gates is None:
+        return [a + b for a, b in zip(x, y)]
+    # x + y·g rather than addcmul: addcmul's backward spends an extra full-size multiply on its scalar factor
+    out = [x[0] + y[0] * gates.flatten(2)]
+    for m, (a, b) in enumerate(zip(x[1:], y[1:]), start=1):
+        g = gates[:, :, None, m:]  # (F, E, 1, L−m+1, C_f): degrees m..L for both −m and +m
+        out.append(a + (b.unflatten(-1, (2, -1, g.shape[-1])) * g).flatten(2))
+    return out
 
 
 class EMFAConvolution(nn.Module):
@@ -84,7 +101,6 @@ class EMFAConvolution(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, f, cf, h = cfg.channels, cfg.n_focus, cfg.focus_channels, cfg.hidden_channels
-        self.n_rows = len(m_major_order(cfg.lmax, cfg.mmax))
         self.pre_mix = SO3Linear(cfg.lmax, c, h)
         self.lift = nn.Linear(c, h, bias=False) if h != c else None
         self.edge_product = LowRankEdgeProduct(cfg)
@@ -105,26 +121,44 @@ class EMFAConvolution(nn.Module):
         """h (N, D, C), radial (E, L+1, C) with edge type features → (N, D, C)."""
         cfg = self.cfg
         f, cf = cfg.n_focus, cfg.focus_channels
-        n_edges, rows = geo.src.shape[0], self.n_rows
+        n_edges = geo.src.shape[0]
         xp = self.pre_mix(h)  # (N, D, H)
         rho = radial if self.lift is None else self.lift(radial)  # (E, L+1, H)
-        x = torch.bmm(geo.to_local.to(xp.dtype), xp.index_select(0, geo.src))  # (E, D_M, H)
-        x = self.edge_product(x, rho)
-        x = x.unflatten(-1, (f, cf)).permute(2, 0, 1, 3)  # (F, E, D_M, C_f)
-        entry_scalar = x[:, :, 0]
-        for layer, so2 in enumerate(self.so2):
-            y = so2(x.reshape(f, n_edges, rows * cf)).unflatten(-1, (rows, cf))
-            x = x + (self.gates[layer](y) if layer < len(self.gates) else y)
+        local = self.edge_product(xp, geo, rho)  # per |m|: (E, rows_m, H)
+        # focus-major parts (F, E, rows_m·C_f); a view when F = 1
+        x = [p.unflatten(-1, (f, cf)).permute(2, 0, 1, 3).reshape(f, n_edges, -1) for p in local]
+        entry_scalar = x[0][..., :cf]  # (F, E, C_f)
+        if cfg.checkpoint_so2 and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # store only the stack's input; its ~2 (E, D_M, H) tensors per layer are recomputed in the backward
+            x = list(checkpoint(self.focus_stacks, *x, use_reentrant=False))
+        else:
+            x = self.focus_stacks(*x)
+        weight, out_gate = self.attention(xp[:, 0], geo, radial[:, 0])  # (E, F), (N, F)
         if f > 1:
             logits = (self.focus_norm(entry_scalar) * self.focus_logit[:, None, :]).sum(-1) / cfg.focus_temperature
             alpha = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0) * (1 - cfg.focus_smoothing) + cfg.focus_smoothing / f
-            x = x * alpha[:, :, None, None].to(x.dtype)
-        x = x.permute(1, 2, 0, 3).reshape(n_edges, rows, f * cf)
-        msg = torch.bmm(geo.to_global.to(x.dtype), x)  # (E, D, H)
-        weight, out_gate = self.attention(xp[:, 0], geo, radial[:, 0])
-        msg = (msg.unflatten(-1, (f, cf)) * weight[:, None, :, None].to(msg.dtype)).flatten(2)
+            scale = (alpha * weight.T)[:, :, None].to(x[0].dtype)  # (F, E, 1)
+            x = [p * scale for p in x]
+            to_global = geo.to_global
+        else:
+            # one focus: the per-edge attention weight folds into the (E, D, rows) rotation, far smaller than x
+            to_global = [g * weight[:, :, None].to(g.dtype) for g in geo.to_global]
+        msg = None  # Σ_m (E, D, rows_m) @ (E, rows_m, H) → (E, D, H)
+        for g, p in zip(to_global, x):
+            p = p.unflatten(-1, (-1, cf)).permute(1, 2, 0, 3).flatten(2)  # (E, rows_m, H)
+            g = g.to(p.dtype)
+            msg = torch.bmm(g, p) if msg is None else torch.baddbmm(msg, g, p)
         agg = scatter_sum(msg, geo.dst, geo.n_nodes).unflatten(-1, (f, cf)) * out_gate[:, None, :, None].to(msg.dtype)
         return self.post_mix(agg.flatten(2))
+
+    def focus_stacks(self, *x: torch.Tensor) -> list[torch.Tensor]:
+        """(A2a) S residual gated SO(2) layers on the |m| parts (F, E, rows_m·C_f) → same shapes."""
+        cf = self.cfg.focus_channels
+        x = list(x)
+        for layer, so2 in enumerate(self.so2):
+            y = so2(x)
+            x = gated_residual(x, y, self.gates[layer](y[0][..., :cf]) if layer < len(self.gates) else None)
+        return x
 
     def attention(self, scalar: torch.Tensor, geo: EdgeCache, rho0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A3) w_ij = s5² e^ℓ / (softplus ζ + Σ_k s5² e^ℓ_ik) per focus (E, F), and the output gate (N, F).

@@ -14,7 +14,7 @@ from torch import nn
 from ..layers.envelopes import c3_envelope
 from ..layers.radial import bessel_frequencies, sine_bessel
 from ..layers.scatter import scatter_sum
-from ..layers.so2 import m_major_rows, truncation_scale
+from ..layers.so2 import m_major_rows, m_part_rows, truncation_scale
 from ..layers.spherical_harmonics import real_spherical_harmonics
 from ..layers.wigner import WignerD, edge_quaternion, quaternion_multiply, quaternion_to_matrix, z_roll_quaternion
 from .config import DPA4Config
@@ -30,8 +30,8 @@ class EdgeCache:
     edge_env: torch.Tensor  # (E,) s5(r)
     rbf: torch.Tensor  # (E, n_radial) φ_n(r)
     sh: torch.Tensor  # (E, D) "norm" real SH Ŷ(r̂_ij)
-    to_local: torch.Tensor  # (E, D_M, D) P_M D(R_ij)
-    to_global: torch.Tensor  # (E, D, D_M) Ξ_M D(R_ij)ᵀ P_Mᵀ
+    to_local: list[torch.Tensor]  # per |m| part: (E, rows_m, D) rows of P_M D(R_ij)
+    to_global: list[torch.Tensor]  # per |m| part: (E, D, rows_m) columns of Ξ_M D(R_ij)ᵀ P_Mᵀ
     inv_sqrt_deg: torch.Tensor  # (N,) (Σ_j s5² + floor)^(-1/2)
 
 
@@ -45,6 +45,7 @@ class EdgeGeometry(nn.Module):
         self.adam_freqs = nn.Parameter(bessel_frequencies(cfg.n_radial, cfg.cutoff))
         self.wigner = WignerD(cfg.lmax, m_major_rows(cfg.lmax, cfg.mmax))
         self.register_buffer("kappa", truncation_scale(cfg.lmax, cfg.mmax), persistent=False)
+        self.part_rows = m_part_rows(cfg.lmax, cfg.mmax)
 
     def forward(self, vectors: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, roll: bool) -> EdgeCache:
         """``vectors`` r_ij (E, 3) for ``edge_index`` [centre i, neighbor j]."""
@@ -71,7 +72,7 @@ class EdgeGeometry(nn.Module):
             edge_env=edge_env,
             rbf=rbf,
             sh=real_spherical_harmonics(unit, cfg.lmax, "norm"),
-            to_local=to_local,
-            to_global=to_global,
+            to_local=list(to_local.split(self.part_rows, dim=1)),
+            to_global=list(to_global.split(self.part_rows, dim=2)),
             inv_sqrt_deg=torch.rsqrt(degree + cfg.degree_floor),
         )

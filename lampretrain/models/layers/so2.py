@@ -28,6 +28,11 @@ def m_major_rows(lmax: int, mmax: int) -> list[int]:
     return [l * l + l + m for l, m in m_major_order(lmax, mmax)]
 
 
+def m_part_rows(lmax: int, mmax: int) -> list[int]:
+    """Rows of each |m| part of the m-major layout: [L+1, 2L, 2(L−1), ..., 2(L−M+1)]."""
+    return [lmax + 1] + [2 * (lmax - m + 1) for m in range(1, min(mmax, lmax) + 1)]
+
+
 def truncation_scale(lmax: int, mmax: int) -> torch.Tensor:
     """κ_l = √((2l+1)/(2 min(l, M)+1)) per packed degree-l coefficient ((L+1)²,) (DPA4 SM eq. 59).
 
@@ -43,11 +48,12 @@ def _trunc_normal(*shape: int, std: float) -> nn.Parameter:
 
 
 class SO2Linear(nn.Module):
-    """Per-focus SO(2)-equivariant linear map on m-major rows (DPA4 eqs. 21–23).
+    """Per-focus SO(2)-equivariant linear map on the |m| parts of the m-major layout (DPA4 eqs. 21–23).
 
     m = 0: one dense ((L+1)C)² matrix mixing degrees and channels. |m| ≥ 1:
     [out₋; out₊] = [[W_u, −W_v], [W_v, W_u]] [x₋; x₊], which commutes with every roll about z.
-    Weights (F, in, out) act on x (F, E, rows·C); no bias.
+    Weights (F, in, out) act on each part (F, E, rows_m·C) separately, so the parts never
+    need to be concatenated (or sliced apart again in the backward pass); no bias.
     """
 
     def __init__(self, lmax: int, mmax: int, channels: int, n_focus: int = 1):
@@ -63,14 +69,11 @@ class SO2Linear(nn.Module):
             [_trunc_normal(n_focus, n, n, std=1 / math.sqrt(2 * n) / math.sqrt(2)) for n in self.sizes[1:]]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(F, E, rows·C) → (F, E, rows·C)."""
-        n0 = self.sizes[0]
-        out = [torch.bmm(x[..., :n0], self.weight_m0)]
-        start = n0
-        for n, wu, wv in zip(self.sizes[1:], self.weight_u, self.weight_v):
+    def forward(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """parts[0] (F, E, (L+1)·C) for m = 0, parts[m] (F, E, 2(L−m+1)·C) as [x₋ₘ | x₊ₘ] → same shapes."""
+        out = [torch.bmm(parts[0], self.weight_m0)]
+        for x, wu, wv in zip(parts[1:], self.weight_u, self.weight_v):
             # row-vector form of [[W_u, −W_v], [W_v, W_u]]: [x₋, x₊] @ [[W_u, W_v], [−W_v, W_u]]
             w = torch.cat([torch.cat([wu, wv], dim=2), torch.cat([-wv, wu], dim=2)], dim=1)
-            out.append(torch.bmm(x[..., start : start + 2 * n], w))
-            start += 2 * n
-        return torch.cat(out, dim=-1)
+            out.append(torch.bmm(x, w))
+        return out

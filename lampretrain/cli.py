@@ -3,6 +3,7 @@
     lampretrain demo                      the main job on embedded defaults (bundled real DFT data)
     lampretrain prep SPEC.yaml            raw DFT files → sharded LMDB + WebDataset store
     lampretrain pretrain RECIPE.yaml      train (one process, or under torchrun / the deepspeed launcher)
+    lampretrain finetune RECIPE.yaml      fine-tune a pretrained checkpoint (--from CKPT)
     lampretrain inspect STORE             what a store holds (index, statistics, prep report)
     lampretrain launch RECIPE.yaml        render/submit a multi-node job (Slurm, Ray on Slurm, Kubernetes, local)
     lampretrain bench KIND ...            benchmarks printing JSON lines
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .finetune.cli import add_parser as add_finetune_parser
+from .finetune.cli import run as run_finetune
 from .launch.cli import add_parser as add_launch_parser
 from .launch.cli import run as run_launch
 
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
 
+    add_finetune_parser(sub)
     add_launch_parser(sub)
     return parser
 
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "pretrain": _pretrain,
             "bench": _bench,
             "launch": run_launch,
+            "finetune": run_finetune,
         }
         return commands[args.command](args)
     except ConfigError as err:

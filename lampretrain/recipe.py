@@ -180,6 +180,7 @@ class TrackingSection:
     uri: str | None = None  # MLflow tracking URI; default: a local file store under the run directory
     experiment: str = "lampretrain"
     run_name: str | None = None
+    parent_run_id: str | None = None  # log as a child of this MLflow run (one sweep's trials)
 
 
 @dataclass

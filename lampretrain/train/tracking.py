@@ -39,6 +39,7 @@ class Tracker:
         active: bool,
         run_id: str | None = None,
         system_metrics: bool = False,
+        parent_run_id: str | None = None,
     ):
         self.active = active
         self.run_id: str | None = run_id
@@ -53,7 +54,10 @@ class Tracker:
         if uri is None and mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=(run_dir / "mlartifacts").as_uri())
         mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics)
+        run = mlflow.start_run(
+            run_id=run_id, run_name=None if run_id else run_name, log_system_metrics=system_metrics,
+            parent_run_id=None if run_id else parent_run_id,
+        )
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
 

@@ -33,7 +33,7 @@ from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiT
 from ..objectives import MultiTaskObjective
 from ..recipe import Recipe, recipe_dict
 from . import checkpoint as ckpt
-from .data import build_train_data
+from .data import TrainData, build_train_data
 from .distributed import Context, setup, teardown
 from .ema import EMA
 from .engines import Engine, make_engine
@@ -123,6 +123,36 @@ class Preemption:
         return bool(t.item())
 
 
+class TrainHooks:
+    """Where a run built on this loop (fine-tuning) differs from pretraining; the defaults are pretraining.
+
+    ``build_data`` gives the stream (batches' dataset ids index the model's heads), ``build_model``
+    the model, ``lr_scales`` a learning-rate multiplier per parameter name (layer-wise decay; absent
+    names get 1) and ``on_log`` sees every logged metric window on rank 0 (e.g. to report to Ray Tune).
+    """
+
+    def build_data(self, recipe: Recipe, rank: int, world_size: int) -> TrainData:
+        return build_train_data(recipe.data, rank, world_size, recipe.train.seed)
+
+    def build_model(self, recipe: Recipe, data: TrainData) -> MultiTaskModel:
+        return build_model(recipe, data.datasets, data.index.stats())
+
+    def lr_scales(self, model: MultiTaskModel) -> dict[str, float]:
+        return {}
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+
+def _param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], scales: dict[str, float]) -> list[dict]:
+    """The engine's trainable ``params`` grouped by learning-rate multiplier (``lr_scale``, read by set_lr)."""
+    scale_of = {id(p): scales.get(n, 1.0) for n, p in model.named_parameters()}
+    groups: dict[float, list] = {}
+    for p in params:
+        groups.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr_scale": s} for s, ps in sorted(groups.items(), reverse=True)]
+
+
 def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> MultiTaskModel:
     specs = [DatasetSpec.from_stats(n, stats.get(n, {})) for n in datasets]
     config = MultiTaskConfig(
@@ -166,19 +196,21 @@ def _state(engine: Engine, ema: EMA | None, objective: torch.nn.Module, ctx: Con
     return tensors, extras
 
 
-def pretrain(recipe: Recipe, resume: str | None = None, max_steps: int | None = None) -> RunResult:
+def pretrain(
+    recipe: Recipe, resume: str | None = None, max_steps: int | None = None, hooks: TrainHooks | None = None
+) -> RunResult:
     """Run (or continue) the recipe; every rank calls this. ``resume``: None, "auto" or a checkpoint path.
 
     ``max_steps`` stops early at that step (the schedule still follows ``train.steps``).
     """
     ctx = setup(recipe.train.device, recipe.engine.backend)
     try:
-        return _run(recipe, ctx, resume, max_steps)
+        return _run(recipe, ctx, resume, max_steps, hooks or TrainHooks())
     finally:
         teardown()
 
 
-def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None) -> RunResult:
+def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None, hooks: TrainHooks) -> RunResult:
     tr = recipe.train
     run_dir = Path(recipe.output)
     ckpt_root = run_dir / "checkpoints"
@@ -188,12 +220,13 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     torch.manual_seed(tr.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    data = build_train_data(recipe.data, ctx.rank, ctx.world_size, tr.seed)
-    model = build_model(recipe, data.datasets, data.index.stats())
+    data = hooks.build_data(recipe, ctx.rank, ctx.world_size)
+    model = hooks.build_model(recipe, data)
     objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
     o = recipe.optim
 
     def optimizer_factory(params):
+        params = _param_groups(model, params, hooks.lr_scales(model))
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     engine = make_engine(
@@ -221,7 +254,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
 
     tracker = Tracker(
         run_dir, recipe.tracking.uri, recipe.tracking.experiment, recipe.tracking.run_name or recipe.name,
-        active=ctx.is_main and recipe.tracking.enabled, run_id=run_id,
+        active=ctx.is_main and recipe.tracking.enabled, run_id=run_id, parent_run_id=recipe.tracking.parent_run_id,
     )
     tracker.log_recipe(resolved)
     if ctx.is_main:
@@ -264,6 +297,8 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         if step % tr.log_every == 0 or step == stop_at:
             last_metrics = _log(window, ctx, tracker, step, time.perf_counter() - t_window, atoms, graphs, win_steps,
                                 engine, bar)
+            if ctx.is_main:
+                hooks.on_log(step, last_metrics)
             t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
         preempted = preempt.agreed()
         if preempted or step % recipe.checkpoint.every == 0 or step == stop_at:
@@ -272,7 +307,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
                 "step": step, "epoch": epoch, "position": position, "world_size": ctx.world_size,
                 "sampler": data.sampler.state_dict(position=position) | {"epoch": epoch},
                 "mlflow_run_id": tracker.run_id if ctx.is_main else None, "engine": extras,
-                "recipe": resolved, "torch": torch.__version__, "time": time.time(),
+                "recipe": resolved, "model": model.config.to_dict(), "torch": torch.__version__, "time": time.time(),
             }
             meta["mlflow_run_id"] = _broadcast(meta["mlflow_run_id"])
             last_ckpt = ckpt.save(ckpt_root, step, tensors, meta, recipe.checkpoint.keep)

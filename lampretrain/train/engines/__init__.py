@@ -64,7 +64,7 @@ class Engine:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay (TrainHooks.lr_scales)
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         """Trainable parameters by their unwrapped names (what EMA averages)."""

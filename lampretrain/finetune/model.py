@@ -1,0 +1,127 @@
+"""A pretrained multi-task model made ready for fine-tuning: load, new head, freezing, layer-wise LR decay.
+
+Heads are kept, never re-initialised (fairchem resets them, and the step-0 error
+jumps): a new dataset gets a new head whose energy MLP and element references
+are copies of a named pretrained head, so at step 0 it predicts exactly what
+that head predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
+from ..store.index import StoreIndex
+from ..train import checkpoint as ckpt
+
+
+def pretrained_config(meta: dict) -> MultiTaskConfig:
+    """The model config a checkpoint was trained with (``meta["model"]``; older ones: rebuilt from its store)."""
+    if "model" in meta:
+        return MultiTaskConfig.from_dict(meta["model"])
+    recipe = meta["recipe"]
+    stats = StoreIndex.open(recipe["data"]["store"]).stats()
+    names = recipe["data"].get("datasets") or list(stats)
+    return MultiTaskConfig(
+        backbone=recipe["model"]["name"],
+        datasets=[DatasetSpec.from_stats(n, stats.get(n, {})) for n in names],
+        heads=HeadsConfig.from_dict(recipe["model"].get("heads") or {}),
+        backbone_options=dict(recipe["model"].get("options") or {}),
+    )
+
+
+def load_pretrained(checkpoint: str | Path, use_ema: bool = True, verify: bool = True) -> MultiTaskModel:
+    """The model of a training checkpoint (DCP, read by the restricted loader), with its EMA weights if asked and saved."""
+    path = Path(checkpoint)
+    if verify:
+        ckpt.verify(path)
+    meta = ckpt.read_meta(path)
+    model = MultiTaskModel(pretrained_config(meta))
+    state = model.state_dict()
+    tensors: dict = {"model": state}
+    has_ema = bool(meta["recipe"].get("train", {}).get("ema_decay"))
+    if use_ema and has_ema:
+        tensors["ema"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ckpt.load(path, tensors)
+    if "ema" in tensors:
+        state.update(tensors["ema"])
+    model.load_state_dict(state)
+    return model
+
+
+def with_new_head(model: MultiTaskModel, spec: DatasetSpec, init_from: str) -> MultiTaskModel:
+    """``model`` plus dataset ``spec.name`` whose energy head and references copy head ``init_from``.
+
+    Per-dataset tensors (energy-head MLP stacks, the reference table) have the
+    dataset on dim 0; the new row is row ``init_from``. ``spec``'s references
+    are replaced by the copied ones (change-bias refits them afterwards).
+    """
+    if spec.name in model.dataset_names:
+        raise ValueError(f"finetune.head '{spec.name}' already exists in the checkpoint; drop init_from to reuse it")
+    k = model.dataset_index(init_from)
+    source = model.config.datasets[k]
+    spec = replace(spec, element_references=dict(source.element_references))
+    config = replace(model.config, datasets=[*model.config.datasets, spec])
+    grown = MultiTaskModel(config, backbone=model.backbone)
+    old = model.state_dict()
+    n = len(model.dataset_names)
+    new_state = {}
+    for name, value in grown.state_dict().items():
+        before = old[name]
+        if before.shape != value.shape and before.dim() >= 1 and before.shape[0] == n and value.shape[0] == n + 1:
+            new_state[name] = torch.cat([before, before[k : k + 1]])
+        else:
+            new_state[name] = before
+    grown.load_state_dict(new_state)
+    return grown
+
+
+def backbone_depths(model: MultiTaskModel) -> dict[str, int]:
+    """Depth of every backbone parameter counted from the output: heads 0, last block 1, ..., embeddings L+1.
+
+    Parameters after the blocks (readout norms) count as depth 0 with the heads.
+    """
+    blocks = model.backbone.blocks
+    n_blocks = len(blocks)
+    depth = {}
+    for name, _ in model.backbone.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            depth[f"backbone.{name}"] = n_blocks - int(parts[1])
+        else:
+            after = any(name.startswith(p) for p in _after_blocks(model.backbone))
+            depth[f"backbone.{name}"] = 0 if after else n_blocks + 1
+    return depth
+
+
+def _after_blocks(backbone: torch.nn.Module) -> list[str]:
+    """Top-level backbone modules registered after ``blocks`` (their order of definition is the data flow)."""
+    names = [n for n, _ in backbone.named_children()]
+    return names[names.index("blocks") + 1 :]
+
+
+def freeze(model: MultiTaskModel, mode: str, n_blocks: int = 0) -> list[str]:
+    """Freeze the whole backbone or its embeddings and first ``n_blocks`` blocks; returns the frozen names."""
+    if mode == "none":
+        return []
+    total = len(model.backbone.blocks)
+    if mode == "blocks" and n_blocks > total:
+        raise ValueError(f"finetune.freeze_blocks: {n_blocks} but the backbone has {total} blocks")
+    depth = backbone_depths(model)
+    params = dict(model.named_parameters())
+    frozen = []
+    for name, d in depth.items():
+        if mode == "backbone" or d > total - n_blocks:
+            params[name].requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def lr_scales(model: MultiTaskModel, decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay: parameter at depth d gets lr · decay^d (heads d = 0)."""
+    if decay == 1.0:
+        return {}
+    return {name: decay**d for name, d in backbone_depths(model).items()}

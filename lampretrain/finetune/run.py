@@ -1,0 +1,164 @@
+"""Fine-tuning on the pretraining loop: the trainer runs unchanged, :class:`FinetuneHooks` supply model and data.
+
+Before step 0: load the checkpoint (heads and references kept), add a head
+copied from a named one if asked, refit the trained head's element references
+on the new data (change-bias), attach LoRA adapters, freeze. The stream mixes
+the new data with replayed pretraining data (each on its own pretrained head)
+at ``replay.ratio`` of the micro-batches. At the end the model (adapters folded
+into the weights) is exported as ``<output>/model.pt`` for ``MultiTaskModel.load``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ..graph.batch import GraphBatch
+from ..models.multitask import DatasetSpec, MultiTaskModel
+from ..store.index import StoreIndex
+from ..train.data import TrainData, build_train_data
+from ..train.trainer import RunResult, TrainHooks, pretrain
+from .bias import change_bias, energy_errors, store_batches
+from .lora import add_lora, fold_lora
+from .model import freeze, load_pretrained, lr_scales, with_new_head
+from .recipe import FinetuneRecipe
+
+
+class MixedData:
+    """The new data's stream with replay micro-batches interleaved, dataset ids mapped to the model's heads.
+
+    After the t-th new micro-batch (t counted over epochs) come replay batches until
+    ⌊(t+1)·ρ⌋ have been drawn, ρ = ratio / (1 − ratio); (epoch, position) are the new
+    data's, so resume is exact for it and restarts replay at the matching count.
+    """
+
+    def __init__(self, main: TrainData, main_heads: torch.Tensor, replay: TrainData | None, replay_heads, ratio: float):
+        self.main, self.replay = main, replay
+        self.main_heads, self.replay_heads = main_heads, replay_heads
+        self.rho = ratio / (1.0 - ratio)
+        self.sampler = main.sampler
+        self.datasets = main.datasets
+
+    def stream(self, epoch: int, position: int) -> Iterator[tuple[int, int, GraphBatch]]:
+        per_epoch = max(len(self.main.sampler), 1)
+        t = epoch * per_epoch + position
+        drawn = math.floor(t * self.rho)
+        replay = None
+        if self.replay is not None and self.rho > 0:
+            length = max(len(self.replay.sampler), 1)
+            replay = self.replay.stream(drawn // length, drawn % length)
+        for epoch, position, batch in self.main.stream(epoch, position):
+            yield epoch, position, replace(batch, dataset=self.main_heads[batch.dataset])
+            t += 1
+            while replay is not None and drawn < math.floor(t * self.rho):
+                _, _, extra = next(replay)
+                drawn += 1
+                yield epoch, position, replace(extra, dataset=self.replay_heads[extra.dataset])
+
+
+@dataclass
+class FinetuneReport:
+    head: str
+    reference_shift: dict[int, float]  # change-bias δ per element, eV
+    step0_mae_pretrained: float  # eV/atom on the new training data, head as loaded (or copied)
+    step0_mae: float  # the same after change-bias
+    frozen: int  # frozen parameter tensors
+    trainable: int  # trainable parameter count
+
+
+class FinetuneHooks(TrainHooks):
+    def __init__(self, recipe: FinetuneRecipe, on_log: Callable[[int, dict[str, float]], None] | None = None):
+        ft = recipe.finetune
+        self.recipe, self._on_log = recipe, on_log
+        index = StoreIndex.open(recipe.data.store)
+        names = recipe.data.datasets or index.datasets
+        if len(names) != 1:
+            raise ValueError(f"data: fine-tuning trains one head on one dataset; {recipe.data.store} gives {names} "
+                             "(pick one with data.datasets)")
+        self.data_name = names[0]
+        self.head = ft.head or self.data_name
+        model = load_pretrained(ft.checkpoint, use_ema=ft.use_ema, verify=recipe.checkpoint.verify)
+        if ft.init_from is not None:
+            spec = DatasetSpec.from_stats(self.head, index.stats().get(self.data_name, {}))
+            model = with_new_head(model, spec, ft.init_from)
+        else:
+            model.dataset_index(self.head)  # names the heads when it is not one of them
+        batches = lambda: store_batches(recipe.data.store, {self.data_name: 0}, "train", recipe.data.max_natoms)  # noqa: E731
+        before = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).mae_per_atom
+        delta = change_bias(model, self.head, batches()) if ft.refit_references else {}
+        after = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).mae_per_atom
+        if ft.lora.rank:
+            add_lora(model.backbone, ft.lora.rank, ft.lora.alpha)
+        frozen = freeze(model, ft.freeze, ft.freeze_blocks)
+        self.model = model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.report = FinetuneReport(self.head, delta, before, after, len(frozen), trainable)
+
+    def build_data(self, recipe: FinetuneRecipe, rank: int, world_size: int) -> MixedData:
+        ft = recipe.finetune
+        main = build_train_data(recipe.data, rank, world_size, recipe.train.seed)
+        main_heads = torch.tensor([self.model.dataset_index(self.head)])
+        replay, replay_heads = None, None
+        if ft.replay.ratio > 0:
+            index = StoreIndex.open(ft.replay.store)
+            names = ft.replay.datasets or [n for n in index.datasets if n in self.model.dataset_names]
+            if self.head in names:
+                raise ValueError(f"finetune.replay: dataset '{self.head}' is the fine-tuned head; replay other datasets")
+            section = copy.deepcopy(recipe.data)
+            section.store, section.datasets, section.split = ft.replay.store, names, "train"
+            section.budget = ft.replay.budget or recipe.data.budget
+            section.sampling = copy.deepcopy(recipe.data.sampling)
+            section.sampling.strategy = "proportional" if section.sampling.strategy == "explicit" else section.sampling.strategy
+            replay = build_train_data(section, rank, world_size, recipe.train.seed + 1)
+            replay_heads = torch.tensor([self.model.dataset_index(n) for n in replay.datasets])
+        return MixedData(main, main_heads, replay, replay_heads, ft.replay.ratio)
+
+    def build_model(self, recipe: FinetuneRecipe, data: MixedData) -> MultiTaskModel:
+        return self.model
+
+    def lr_scales(self, model: MultiTaskModel) -> dict[str, float]:
+        return lr_scales(model, self.recipe.finetune.lr_decay)
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._on_log is not None:
+            self._on_log(step, metrics)
+
+
+@dataclass
+class FinetuneResult:
+    run: RunResult
+    report: FinetuneReport
+    exported: Path | None  # <output>/model.pt (rank 0)
+
+
+def export(model: MultiTaskModel, path: Path) -> Path:
+    """Save a copy of ``model`` with LoRA adapters folded into the weights (``MultiTaskModel.load`` reads it)."""
+    plain = copy.deepcopy(model)
+    fold_lora(plain.backbone)
+    plain.save(path)
+    return path
+
+
+def finetune(
+    recipe: FinetuneRecipe, resume: str | None = None, max_steps: int | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> FinetuneResult:
+    hooks = FinetuneHooks(recipe, on_log)
+    run = pretrain(recipe, resume=resume, max_steps=max_steps, hooks=hooks)
+    exported = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(recipe.output)
+        exported = export(hooks.model, out / "model.pt")
+        (out / "finetune.json").write_text(json.dumps({
+            "head": hooks.report.head, "reference_shift": hooks.report.reference_shift,
+            "step0_mae_pretrained": hooks.report.step0_mae_pretrained, "step0_mae": hooks.report.step0_mae,
+            "step": run.step, "checkpoint": str(run.checkpoint), "last_metrics": run.last_metrics,
+        }, indent=1))
+    return FinetuneResult(run, hooks.report, exported)

@@ -1,0 +1,184 @@
+"""Fine-tuning from a pretrained checkpoint: change-bias, kept and copied heads, freezing, LR decay, replay, LoRA.
+
+A tiny MatRIS is pretrained in-process on real DFT fixtures (FeO PBE+U and Al r2SCAN
+relaxations from VASP, the first 24 structures of the fairchem oxides ASE db); fine-tuning data are single
+fixtures prepared with the same ``prep`` pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lampretrain.config import from_dict
+from lampretrain.finetune import finetune, parse_finetune
+from lampretrain.finetune.bias import energy_errors, store_batches
+from lampretrain.finetune.lora import LoRALinear, add_lora, fold_lora
+from lampretrain.finetune.model import freeze, load_pretrained, lr_scales
+from lampretrain.models.multitask import MultiTaskModel
+from lampretrain.prep.pipeline import prepare
+from lampretrain.prep.spec import PrepSpec
+from lampretrain.recipe import parse_recipe
+from lampretrain.train import pretrain
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO / "tests" / "data" / "real"
+FEO = REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"
+AL = REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"
+OXIDES = REAL / "fairchem_oxides_asedb/oxides.db"
+
+
+def make_store(out: Path, sources: list[dict]) -> Path:
+    spec = from_dict(PrepSpec, {"name": out.name, "output": str(out), "sources": sources, "split": {"val": 0.2},
+                                "shard_size_mb": 1})
+    prepare(spec, workers=1, progress=False)
+    return out
+
+
+def tiny_recipe(store: Path, output: Path, steps: int) -> dict:
+    recipe = yaml.safe_load((REPO / "recipes" / "demo-matris.yaml").read_text())
+    recipe["data"].update(store=str(store), budget=64, max_natoms=32)
+    recipe["model"]["options"] = {"num_layers": 2, "atom_dim": 16, "bond_dim": 16, "angle_dim": 16,
+                                  "readout_hidden": [16], "magmom_hidden": 16}
+    recipe["model"]["heads"] = {"hidden": [16]}
+    recipe["output"] = str(output)
+    recipe["train"].update(steps=steps, progress=False, log_every=2, ema_decay=None)
+    recipe["schedule"] = {"kind": "constant"}
+    recipe["checkpoint"] = {"every": steps, "keep": 1}
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> dict:
+    from ase.io import write
+
+    from lampretrain.io import read_frames
+
+    root = tmp_path_factory.mktemp("ft")
+    oxides = root / "oxides_first24.extxyz"  # a slice of the real db keeps the module's runtime small
+    write(oxides, [f.to_atoms() for _, f in zip(range(24), read_frames(OXIDES))], format="extxyz")
+    store = make_store(root / "pre_store", [
+        {"path": str(FEO), "dataset": "mp_pbeu"},
+        {"path": str(oxides), "dataset": "oxides_pbe"},
+    ])
+    result = pretrain(parse_recipe(tiny_recipe(store, root / "pre", 12)))
+    return {
+        "root": root, "store": store, "checkpoint": result.checkpoint,
+        "feo": make_store(root / "feo_store", [{"path": str(FEO), "dataset": "feo"}]),
+        "al": make_store(root / "al_store", [{"path": str(AL), "dataset": "al_r2scan"}]),
+    }
+
+
+def ft_recipe(pre: dict, store: Path, name: str, steps: int, **finetune) -> dict:
+    return {
+        "name": name, "output": str(pre["root"] / name),
+        "data": {"store": str(store), "budget": 64, "max_natoms": 32},
+        "optim": {"lr": 2e-3}, "schedule": {"kind": "constant"},
+        "train": {"steps": steps, "progress": False, "log_every": 1},
+        "checkpoint": {"every": steps, "keep": 1}, "tracking": {"enabled": False},
+        "finetune": finetune,
+    }
+
+
+def mae(model: MultiTaskModel, store: Path, data_name: str, head: str) -> float:
+    batches = store_batches(str(store), {data_name: 0}, "train", 32)
+    return energy_errors(model, (model.for_dataset(b, head) for b in batches)).mae_per_atom
+
+
+def test_checkpoint_recipe_fills_missing_sections_and_needs_a_checkpoint(pretrained):
+    from lampretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no checkpoint to fine-tune"):
+        parse_finetune({"name": "x", "data": {"store": "s"}})
+    recipe = parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3), pretrained["checkpoint"],
+                            ["finetune.freeze=backbone", "optim.lr=1e-4"])
+    assert recipe.model.name == "matris-4m" and recipe.model.options["atom_dim"] == 16  # from the checkpoint
+    assert recipe.finetune.freeze == "backbone" and recipe.optim.lr == 1e-4 and recipe.train.steps == 3
+    with pytest.raises(ConfigError, match="lr_decay"):
+        parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3, lr_decay=0.0), pretrained["checkpoint"])
+
+
+def test_loaded_checkpoint_reproduces_the_pretrained_model(pretrained):
+    """The DCP model equals the trainer's final weights: its train-window energy MAE matches a fresh evaluation."""
+    model = load_pretrained(pretrained["checkpoint"])
+    assert model.dataset_names == ["mp_pbeu", "oxides_pbe"]
+    assert model.references.table.dtype == torch.float64
+    feo = mae(model, pretrained["store"], "mp_pbeu", "mp_pbeu")
+    assert np.isfinite(feo) and feo > 0
+
+
+def test_step0_error_after_change_bias_is_no_worse_than_pretrained(pretrained):
+    """Existing head kept (FeO on mp_pbeu) and a new head copied from oxides_pbe (Al r2SCAN): refit before step 0."""
+    pre = load_pretrained(pretrained["checkpoint"])
+    kept = parse_finetune(ft_recipe(pretrained, pretrained["feo"], "ft-kept", 1, head="mp_pbeu"), pretrained["checkpoint"])
+    result = finetune(kept, max_steps=1)
+    base = mae(pre, pretrained["feo"], "feo", "mp_pbeu")
+    assert result.report.step0_mae_pretrained == pytest.approx(base, rel=1e-6)  # the head was kept, not reset
+    assert result.report.step0_mae <= base + 1e-9
+    assert set(result.report.reference_shift) == {8, 26}  # O and Fe
+
+    new = parse_finetune(ft_recipe(pretrained, pretrained["al"], "ft-new", 1, head="al", init_from="oxides_pbe"),
+                         pretrained["checkpoint"])
+    result = finetune(new, max_steps=1)
+    base = mae(pre, pretrained["al"], "al_r2scan", "oxides_pbe")
+    assert result.report.step0_mae_pretrained == pytest.approx(base, rel=1e-6)  # the copy predicts like its source
+    assert result.report.step0_mae <= base
+    assert result.report.step0_mae < 0.5 * base  # a different functional: the offset is most of the error
+    exported = MultiTaskModel.load(result.exported)
+    assert exported.dataset_names == ["mp_pbeu", "oxides_pbe", "al"]
+    meta = json.loads((Path(new.output) / "finetune.json").read_text())
+    assert meta["step"] == 1
+
+
+def test_freeze_and_layerwise_decay(pretrained):
+    model = load_pretrained(pretrained["checkpoint"])
+    frozen = freeze(model, "blocks", 1)
+    assert any(n.startswith("backbone.blocks.0.") for n in frozen)
+    assert not any(n.startswith("backbone.blocks.1.") for n in frozen)
+    assert any(n.startswith("backbone.atom_embedding") for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("energy_heads"))
+    scales = lr_scales(model, 0.5)
+    assert scales["backbone.blocks.1.node_mlp.layers.0.weight" if "backbone.blocks.1.node_mlp.layers.0.weight" in scales
+                  else next(n for n in scales if n.startswith("backbone.blocks.1."))] == 0.5
+    assert scales[next(n for n in scales if n.startswith("backbone.blocks.0."))] == 0.25
+    assert scales[next(n for n in scales if n.startswith("backbone.atom_embedding"))] == 0.125
+    whole = load_pretrained(pretrained["checkpoint"])
+    freeze(whole, "backbone")
+    assert not any(p.requires_grad for p in whole.backbone.parameters())
+
+
+def test_lora_starts_at_the_pretrained_model_and_folds_back_exactly(pretrained):
+    model = load_pretrained(pretrained["checkpoint"])
+    batch = next(store_batches(str(pretrained["feo"]), {"feo": 0}, "train", 32))
+    before = model(batch, dataset="mp_pbeu")["energy"].detach()
+    assert add_lora(model.backbone, rank=2, alpha=4.0) > 0
+    assert torch.allclose(model(batch, dataset="mp_pbeu")["energy"].detach(), before)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.05)
+    adapted = model(batch, dataset="mp_pbeu")["energy"].detach()
+    assert not torch.allclose(adapted, before)
+    fold_lora(model.backbone)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.allclose(model(batch, dataset="mp_pbeu")["energy"].detach(), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_limits_forgetting_on_a_pretraining_dataset(pretrained):
+    """Fine-tune hard on Al (new head, lr 1e-2): FeO (PBE+U) error rises less with it replayed on its own head."""
+    pre = load_pretrained(pretrained["checkpoint"])
+    start = mae(pre, pretrained["store"], "mp_pbeu", "mp_pbeu")
+    rises = {}
+    for ratio in (0.0, 0.5):
+        data = ft_recipe(pretrained, pretrained["al"], f"ft-replay-{ratio}", 10, head="al", init_from="oxides_pbe",
+                         replay={"store": str(pretrained["store"]), "ratio": ratio, "datasets": ["mp_pbeu"]})
+        data["optim"]["lr"] = 1e-2
+        result = finetune(parse_finetune(data, pretrained["checkpoint"]))
+        tuned = MultiTaskModel.load(result.exported)
+        rises[ratio] = mae(tuned, pretrained["store"], "mp_pbeu", "mp_pbeu") - start
+    assert rises[0.5] < rises[0.0], rises

@@ -103,6 +103,14 @@ def test_checkpoint_recipe_fills_missing_sections_and_needs_a_checkpoint(pretrai
         parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3, lr_decay=0.0), pretrained["checkpoint"])
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("finetune-*.yaml")), ids=lambda p: p.name)
+def test_shipped_finetune_recipes_validate(pretrained, path):
+    from lampretrain.finetune import load_finetune
+
+    recipe = load_finetune(path, pretrained["checkpoint"])
+    assert recipe.finetune.head and recipe.train.steps > 0 and recipe.model.name == "matris-4m"
+
+
 def test_loaded_checkpoint_reproduces_the_pretrained_model(pretrained):
     """The DCP model equals the trainer's final weights: its train-window energy MAE matches a fresh evaluation."""
     model = load_pretrained(pretrained["checkpoint"])

@@ -123,8 +123,11 @@ def test_recipe_rejects_unknown_keys_and_applies_overrides():
     assert recipe.optim.lr == 3e-4 and recipe.train.steps == 7
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.name.startswith("finetune-")), ids=lambda p: p.name
+)
 def test_shipped_recipes_validate(path):
+    """Pretraining recipes (fine-tuning recipes need a checkpoint: tests/test_finetune.py validates them)."""
     recipe = load_recipe(path)
     assert recipe.model.name and recipe.train.steps > 0
 

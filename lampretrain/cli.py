@@ -4,6 +4,8 @@
     lampretrain prep SPEC.yaml            raw DFT files → sharded LMDB + WebDataset store
     lampretrain pretrain RECIPE.yaml      train (one process, or under torchrun / the deepspeed launcher)
     lampretrain finetune RECIPE.yaml      fine-tune a pretrained checkpoint (--from CKPT)
+    lampretrain evaluate CKPT DATA        per-dataset MAE/RMSE vs the mean baseline, parity plots
+    lampretrain export CKPT               torch.export of energy/forces/stress for one dataset head
     lampretrain inspect STORE             what a store holds (index, statistics, prep report)
     lampretrain launch RECIPE.yaml        render/submit a multi-node job (Slurm, Ray on Slurm, Kubernetes, local)
     lampretrain bench KIND ...            benchmarks printing JSON lines
@@ -20,6 +22,8 @@ from pathlib import Path
 from .config import ConfigError
 from .finetune.cli import add_parser as add_finetune_parser
 from .finetune.cli import run as run_finetune
+from .inference.cli import add_parser as add_inference_parser
+from .inference.cli import run as run_inference
 from .launch.cli import add_parser as add_launch_parser
 from .launch.cli import run as run_launch
 
@@ -165,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
 
     add_finetune_parser(sub)
+    add_inference_parser(sub)
     add_launch_parser(sub)
     return parser
 
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "launch": run_launch,
             "finetune": run_finetune,
+            "evaluate": run_inference,
+            "export": run_inference,
         }
         return commands[args.command](args)
     except ConfigError as err:

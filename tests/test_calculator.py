@@ -46,6 +46,6 @@ def test_molecule_forces_and_no_stress():
         atoms.get_stress()
 
 
-def test_checkpoint_paths_are_not_supported_yet():
-    with pytest.raises(NotImplementedError, match="checkpoint"):
-        Calculator("model.pt")
+def test_missing_checkpoint_path_is_named():
+    with pytest.raises(FileNotFoundError, match="no-such-model.pt"):
+        Calculator("no-such-model.pt")

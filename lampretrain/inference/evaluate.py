@@ -1,0 +1,146 @@
+"""Accuracy of a trained model on labelled frames: per-dataset MAE/RMSE next to a mean baseline.
+
+Units: energy per atom in meV/atom, force components in meV/Å, stress
+components in GPa. The mean baseline is what a model that learned nothing
+beyond the element references would score:
+
+    energy: r_g = (E_g − Σ_i ref_k(Z_i)) / n_g,  predict mean_g(r_g) for every frame
+    forces: predict 0  (MAE = mean |F_component|)
+    stress: predict 0
+
+A multi-task model evaluates each frame with the head of the frame's dataset
+(or of one dataset forced by name).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..frames import Frame
+from ..graph.batch import collate
+from .loading import graph_cutoffs
+
+EV_PER_A3_TO_GPA = 160.21766208
+QUANTITIES = {"energy": "meV/atom", "forces": "meV/Å", "stress": "GPa"}
+SCALE = {"energy": 1000.0, "forces": 1000.0, "stress": EV_PER_A3_TO_GPA}
+
+
+@dataclass
+class Predictions:
+    """True and predicted values of one dataset, flattened per quantity (eV/atom, eV/Å, eV/Å³)."""
+
+    dataset: str
+    true: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    pred: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    residual: list[float] = field(default_factory=list)  # (E − Σ refs)/n per frame, for the mean baseline
+    n_frames: int = 0
+
+    def arrays(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+        if not self.true.get(quantity):
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(self.true[quantity]), np.concatenate(self.pred[quantity])
+
+
+def mae_rmse(error: np.ndarray) -> tuple[float, float]:
+    """Mean absolute and root-mean-square error of a flat error array."""
+    return float(np.mean(np.abs(error))), float(np.sqrt(np.mean(error**2)))
+
+
+def predict(
+    model: torch.nn.Module,
+    frames: Iterable[Frame],
+    dataset: str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, Predictions]:
+    """Run ``model`` on labelled frames, grouped by head (``dataset`` or each frame's own)."""
+    model = model.to(device=device, dtype=dtype).eval()
+    names = list(model.dataset_names)
+    cutoff, three_body = graph_cutoffs(model)
+    table = model.references.table.detach().cpu().double().numpy()  # (K, Zmax+1)
+    groups: dict[str, list[Frame]] = defaultdict(list)
+    for frame in frames:
+        head = dataset or frame.dataset
+        if head not in names:
+            raise ValueError(
+                f"frame {frame.source or '?'} belongs to dataset '{head}', which has no head in this model "
+                f"(has: {', '.join(names)}); choose one with --dataset"
+            )
+        groups[head].append(frame)
+    out: dict[str, Predictions] = {}
+    for head, items in groups.items():
+        preds = out[head] = Predictions(head)
+        k = names.index(head)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            batch = collate(chunk, cutoff=cutoff, three_body_cutoff=three_body, dtype=dtype).to(device)
+            periodic = any(f.cell is not None for f in chunk)
+            result = model(batch, compute_forces=True, compute_stress=periodic, dataset=head)
+            _collect(preds, chunk, {key: v.detach().cpu().double().numpy() for key, v in result.items()}, table[k])
+    return out
+
+
+def _collect(preds: Predictions, frames: Sequence[Frame], result: dict[str, np.ndarray], refs: np.ndarray) -> None:
+    offset = 0
+    for g, frame in enumerate(frames):
+        n = frame.natoms
+        if frame.energy is not None:
+            preds.true["energy"].append(np.array([frame.energy / n]))
+            preds.pred["energy"].append(result["energy"][g : g + 1] / n)
+            preds.residual.append((frame.energy - refs[frame.numbers].sum()) / n)
+        if frame.forces is not None:
+            preds.true["forces"].append(np.asarray(frame.forces).ravel())
+            preds.pred["forces"].append(result["forces"][offset : offset + n].ravel())
+        if frame.stress is not None and "stress" in result:
+            preds.true["stress"].append(np.asarray(frame.stress).ravel())
+            preds.pred["stress"].append(result["stress"][g].ravel())
+        preds.n_frames += 1
+        offset += n
+
+
+def metrics_table(predictions: dict[str, Predictions]) -> list[dict[str, object]]:
+    """One row per dataset and quantity: model and mean-baseline MAE/RMSE in reporting units."""
+    rows = []
+    for name, p in sorted(predictions.items()):
+        for quantity, unit in QUANTITIES.items():
+            true, pred = p.arrays(quantity)
+            if true.size == 0:
+                continue
+            s = SCALE[quantity]
+            model_mae, model_rmse = mae_rmse((pred - true) * s)
+            if quantity == "energy":
+                residual = np.asarray(p.residual)
+                base_mae, base_rmse = mae_rmse((residual - residual.mean()) * s)
+            else:
+                base_mae, base_rmse = mae_rmse(true * s)
+            rows.append({
+                "dataset": name, "quantity": quantity, "unit": unit, "frames": p.n_frames, "values": int(true.size),
+                "mae": model_mae, "rmse": model_rmse, "baseline_mae": base_mae, "baseline_rmse": base_rmse,
+            })
+    return rows
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    header = f"{'dataset':<16} {'quantity':<8} {'unit':<9} {'frames':>6} {'MAE':>10} {'RMSE':>10} {'base MAE':>10} {'base RMSE':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['dataset']:<16} {r['quantity']:<8} {r['unit']:<9} {r['frames']:>6} {r['mae']:>10.3f} "
+            f"{r['rmse']:>10.3f} {r['baseline_mae']:>10.3f} {r['baseline_rmse']:>10.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["dataset"])
+        writer.writeheader()
+        writer.writerows(rows)

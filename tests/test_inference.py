@@ -1,0 +1,156 @@
+"""Checkpoint loading, batched calculator, relaxation, stability classification, export and evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.db import connect
+from ase.filters import FrechetCellFilter
+
+from lampretrain.frames import Frame
+from lampretrain.graph.batch import collate
+from lampretrain.inference import Calculator
+from lampretrain.inference.calculator import atoms_to_frame
+from lampretrain.inference.cli import add_parser, run
+from lampretrain.inference.export import example_inputs, export_model, load_exported, save_exported
+from lampretrain.inference.stability import classify, energies_above_hull, relax, stability_check
+from lampretrain.models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
+
+OXIDES = Path(__file__).parent / "data" / "real" / "fairchem_oxides_asedb" / "oxides.db"
+TINY = dict(num_layers=1, atom_dim=8, bond_dim=8, angle_dim=8, readout_hidden=(8,), magmom_hidden=8, num_radial=4)
+
+
+def tiny_model(seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    refs_a = {11: -1.3, 17: -1.8, 8: -4.9, 22: -7.8, 50: -3.9}
+    refs_b = {11: -0.3, 17: -0.2, 8: -1.0, 22: -2.0, 50: -1.0}
+    config = MultiTaskConfig(
+        backbone="matris-10m",
+        datasets=[DatasetSpec("mptrj", refs_a), DatasetSpec("omat", refs_b)],
+        heads=HeadsConfig(hidden=(8,), magmoms=True),
+        backbone_options=TINY,
+    )
+    model = MultiTaskModel(config).double().eval()
+    with torch.no_grad():  # stronger weights than the initialisation: forces worth relaxing
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def nacl(seed: int = 1):
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def test_saved_model_file_and_head_selection(tmp_path):
+    model = tiny_model()
+    model.save(tmp_path / "model.pt")
+    atoms = nacl()
+    calc = Calculator(str(tmp_path / "model.pt"), dataset="omat", dtype=torch.float64)
+    batch = collate([atoms_to_frame(atoms)], cutoff=6.0, three_body_cutoff=4.5, dtype=torch.float64)
+    expected = model(batch, dataset="omat")
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(float(expected["energy"][0].detach()), abs=1e-10)
+    np.testing.assert_allclose(atoms.get_forces(), expected["forces"].detach().numpy(), atol=1e-10)
+    s = expected["stress"][0].detach().numpy()
+    np.testing.assert_allclose(atoms.get_stress(), [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], atol=1e-12)
+    other = Calculator(model, dataset="mptrj", dtype=torch.float64)
+    assert other.get_potential_energy(atoms) != pytest.approx(atoms.get_potential_energy())  # a different head
+    with pytest.raises(ValueError, match="mptrj, omat"):
+        Calculator(model, dataset="spice")
+    with pytest.raises(ValueError, match="pass dataset="):
+        Calculator(model)
+
+
+def test_calculate_batch_equals_one_by_one():
+    calc = Calculator(tiny_model(), dataset="mptrj", dtype=torch.float64)
+    structures = [nacl(1), nacl(2) * (2, 1, 1), bulk("Na", "bcc", a=4.2)]
+    batched = calc.calculate_batch(structures, batch_size=2)
+    for atoms, res in zip(structures, batched):
+        atoms.calc = calc
+        assert res["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(res["forces"], atoms.get_forces(), atol=1e-9)
+        np.testing.assert_allclose(res["stress"], atoms.get_stress(), atol=1e-10)
+        assert res["magmoms"].shape == (len(atoms),)
+
+
+def test_relaxation_lowers_energy_and_converges():
+    calc = Calculator(tiny_model(3), dataset="mptrj", dtype=torch.float64)
+    atoms = bulk("NaCl", "rocksalt", a=5.64) * (2, 1, 1)
+    atoms.rattle(0.3, seed=4)
+    atoms.set_cell(atoms.cell.array * 1.04, scale_atoms=True)
+    atoms.calc = calc
+    assert np.abs(atoms.get_forces()).max() > 0.05
+    result = relax(atoms, calc, fmax=0.03, steps=400)
+    assert result.converged and result.fmax < 0.03
+    assert result.energy < result.initial_energy
+    result.atoms.calc = calc
+    generalized = FrechetCellFilter(result.atoms).get_forces()  # atoms and cell degrees of freedom
+    assert np.sqrt((generalized**2).sum(axis=1)).max() < 0.03
+
+
+def test_hull_and_classification_on_oxide_polymorphs():
+    rows = [r for r in connect(OXIDES).select() if r.formula in ("Ti2O4", "Ti4O8", "Sn2O4", "Sn4O8")]
+    comps = [r.formula for r in rows]
+    energies = [r.energy for r in rows]
+    e_hull = energies_above_hull(comps, energies)
+    for metal in ("Ti", "Sn"):  # single-composition hull: E/atom minus the lowest E/atom of that formula
+        mine = np.array([metal in c for c in comps])
+        per_atom = np.array([r.energy / r.natoms for r in rows])[mine]
+        np.testing.assert_allclose(e_hull[mine], per_atom - per_atom.min(), atol=1e-9)
+    assert classify(e_hull, e_hull)["f1"] == 1.0
+    flipped = classify(e_hull, -e_hull + e_hull.max())  # most stable predicted most unstable
+    assert flipped["tp"] == 0 and flipped["precision"] == 0.0
+
+
+def test_stability_check_end_to_end_on_oxides():
+    db = connect(OXIDES)
+    picked = [next(db.select(formula=f)) for f in ("TiO2", "Ti2O4", "SnO2", "Sn2O4")]
+    structures = [r.toatoms() for r in picked]
+    calc = Calculator(tiny_model(5), dataset="mptrj", dtype=torch.float64)
+    report = stability_check(structures, [r.energy for r in picked], calc, fmax=0.1, steps=60)
+    assert report.e_hull_true.shape == (4,) and np.all(report.e_hull_true >= -1e-9)
+    assert {"precision", "recall", "f1"} <= set(report.metrics)
+    for r in report.relaxations:
+        assert r.energy <= r.initial_energy + 1e-9
+
+
+def test_exported_program_matches_eager(tmp_path):
+    model = tiny_model(6)
+    atoms = nacl(7)
+    inputs = example_inputs(atoms_to_frame(atoms), model, torch.float64)
+    program = export_model(model, "omat", inputs)
+    save_exported(program, tmp_path / "model.pt2")
+    energy, forces, stress = load_exported(tmp_path / "model.pt2").module()(*inputs)
+    atoms.calc = Calculator(model, dataset="omat", dtype=torch.float64)
+    assert float(energy[0].detach()) == pytest.approx(atoms.get_potential_energy(), abs=1e-6)
+    np.testing.assert_allclose(forces.detach().numpy(), atoms.get_forces(), atol=1e-6)
+    s = stress[0].detach().numpy()
+    np.testing.assert_allclose([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]], atoms.get_stress(), atol=1e-6)
+
+
+def test_evaluate_writes_table_csv_and_plots(tmp_path, capsys):
+    model = tiny_model(8)
+    model.save(tmp_path / "model.pt")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", str(tmp_path / "model.pt"), str(OXIDES), "--dataset", "mptrj",
+                              "--max-frames", "12", "--out", str(tmp_path / "eval")])
+    assert run(args) == 0
+    printed = capsys.readouterr().out
+    assert "mptrj" in printed and "base MAE" in printed
+    with open(tmp_path / "eval" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["quantity"] for r in rows] == ["energy", "forces"]  # the oxides have no stress labels
+    assert all(int(r["frames"]) == 12 for r in rows)
+    forces = connect(OXIDES).get(1).forces
+    assert float(rows[1]["baseline_mae"]) > 0 and np.isfinite(forces).all()
+    for name in ("parity_mptrj.png", "errors_mptrj.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

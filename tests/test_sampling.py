@@ -168,3 +168,18 @@ def test_weighted_mix_across_ranks():
     assert (dataset[drawn] == 1).sum() == epoch_counts([3000, 300], w)[1]
     mix = samplers[0].mix(names=["big", "small"])
     assert mix["small"]["frames"] == pytest.approx(w[1], abs=1e-3)
+
+
+def test_oversize_steps_are_spread_through_the_epoch_not_first():
+    # half the structures cost more than the budget: they used to fill the first steps of
+    # every epoch, so a short run saw nothing else (the demo trained on one dataset only)
+    from lampretrain.sampling.balanced import plan_epoch
+
+    rng = np.random.default_rng(0)
+    cost = np.where(np.arange(400) % 2 == 0, 150.0, 10.0)
+    order = rng.permutation(cost.size)
+    plan = plan_epoch(order, cost, 1, 100.0, 0.05, "warn")
+    alone = np.array([cost[plan.batch(s, 0)].max() > 100.0 for s in range(plan.steps)])
+    first_quarter = alone[: plan.steps // 4]
+    assert 0.2 < first_quarter.mean() < 0.95  # a mix, not only oversize steps
+    assert sorted(np.concatenate([plan.batch(s, 0) for s in range(plan.steps)]).tolist()) == list(range(400))

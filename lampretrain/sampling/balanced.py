@@ -105,9 +105,8 @@ def plan_epoch(
         )
     stream = order[~big]
     csum = np.concatenate([[0.0], np.cumsum(cost[stream])])
+    big_steps = [[[int(x)] for x in too_big[k : k + R]] for k in range(0, too_big.size - too_big.size % R, R)]
     steps: list[list[list[int]]] = []
-    for k in range(0, too_big.size - too_big.size % R, R):  # oversize structures, world_size per step
-        steps.append([[int(x)] for x in too_big[k : k + R]])
     leftover_big = [int(x) for x in too_big[too_big.size - too_big.size % R :]]
     pos, deferred = 0, np.zeros(0, dtype=np.int64)
     n = stream.size
@@ -136,6 +135,7 @@ def plan_epoch(
                 misses += 1
         deferred = np.array(rejected, dtype=np.int64)
         steps.append(bins)
+    steps = _interleave(steps, big_steps, order)
     tail = np.concatenate([deferred, stream[pos:]])
     padded = 0
     if tail.size or leftover_big:
@@ -151,6 +151,32 @@ def plan_epoch(
             stacklevel=3,
         )
     return _pack(steps, cost, R, padded, too_big)
+
+
+def _interleave(packed: list[list[list[int]]], big: list[list[list[int]]], order: np.ndarray) -> list[list[list[int]]]:
+    """Oversize steps merged into the packed ones where their structures fall in the shuffled ``order``.
+
+    Putting them all first would give a short run nothing but the oversize structures
+    (often one or two datasets) and the rest of the epoch only after them. The packed
+    steps keep their order; an oversize step goes before the first packed step that
+    starts later in ``order``.
+    """
+    if not big:
+        return packed
+    where = np.empty(int(order.max()) + 1, dtype=np.int64)
+    where[order] = np.arange(order.size)
+
+    def first(step: list[list[int]]) -> int:
+        return min((int(where[x]) for b in step for x in b), default=order.size)
+
+    merged, k = [], 0
+    for step in packed:
+        start = first(step)
+        while k < len(big) and first(big[k]) < start:
+            merged.append(big[k])
+            k += 1
+        merged.append(step)
+    return merged + big[k:]
 
 
 def _plan_tail(

@@ -1,4 +1,10 @@
-"""Exponential moving average of the weights: θ̄ ← d·θ̄ + (1 − d)·θ after every optimizer step.
+"""Exponential moving average of the weights: θ̄ ← d_t·θ̄ + (1 − d_t)·θ after optimizer step t.
+
+d_t = min(d, (1 + t)/(10 + t)) (the ``num_updates`` warmup of TensorFlow's
+ExponentialMovingAverage): with a fixed d the average keeps d^t of the random
+initial weights, 22% after 150 steps at d = 0.99, which leaves a short run's
+averaged model no better than its initialisation. d_t depends on the step only,
+so a resumed run needs no extra state.
 
 The shadow tensors are clones of the parameters with the same placement
 (plain tensors under DDP and DeepSpeed ZeRO-1/2, DTensor shards under FSDP2),
@@ -18,12 +24,17 @@ class EMA:
         self.params = params
         self.shadow = {name: p.detach().clone() for name, p in params.items()}
 
+    def decay_at(self, step: int) -> float:
+        """d_t = min(d, (1 + t)/(10 + t)) for the update after ``step`` earlier optimizer steps."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Average in the current weights; ``step``: optimizer steps taken before this one (0 for the first)."""
         names = list(self.shadow)
         shadow = [self.shadow[n] for n in names]
         current = [self.params[n].detach() for n in names]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(shadow, current, 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

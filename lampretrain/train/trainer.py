@@ -9,7 +9,7 @@ One optimizer step, as :func:`pretrain` runs it::
             loss, metrics = objective(out, batch)      # masked per-dataset losses, no host sync
             engine.backward(loss / grad_accum)         # double backward through the force graph
     grad_norm = engine.step(clip)                      # clip, AdamW, zero grads
-    ema.update()
+    ema.update(step)
 
 Everything else (logging, checkpoints, signals) happens between steps. The
 only host syncs per step are the preemption flag (a gloo all-reduce of one
@@ -288,7 +288,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
             aux_opt.zero_grad(set_to_none=True)
         grad_norm = engine.step(tr.clip_grad_norm)
         if ema is not None:
-            ema.update()
+            ema.update(step)
         step += 1
         win_steps += 1
         window.add({"grad_norm": grad_norm.detach().to(ctx.device)})

@@ -1,9 +1,10 @@
 """Change-bias: refit one head's element references on new data before step 0, and energy errors per store.
 
-δ = argmin_δ Σ_f (E_f − Ê_f − Σ_z n_fz δ_z)² in float64 (``prep.stats.element_references``
-on the residuals label − prediction), then ref_k[z] += δ_z. δ = 0 is a candidate, so
-the squared error of the head on these frames can only go down; the backbone and
-the head's MLP are untouched (deepmd-kit's ``change-bias`` in its "delta" mode).
+δ = argmin_δ Σ_f |E_f − Ê_f − Σ_z n_fz δ_z| / N_f in float64 (a weighted least-absolute-deviations
+fit, solved exactly as a linear program), then ref_k[z] += δ_z. δ = 0 is a candidate, so the
+per-atom energy MAE of the head on these frames can only go down (a least-squares fit, as
+deepmd-kit's ``change-bias`` "delta" mode uses, lowers the squared error but can raise the MAE
+when the residuals are skewed); the backbone and the head's MLP are untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..models.multitask import MultiTaskModel
-from ..prep.stats import element_references
 from ..store.index import StoreIndex
 
 
@@ -78,11 +78,29 @@ def energy_errors(model: MultiTaskModel, batches: Iterator[GraphBatch], device: 
     return EnergyErrors(np.concatenate(label), np.concatenate(pred), np.concatenate(natoms).astype(np.float64), numbers)
 
 
+def least_absolute_shift(counts: np.ndarray, residual: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """argmin_δ Σ_f w_f |r_f − C_f·δ| as the LP min Σ w_f u_f s.t. −u ≤ r − Cδ ≤ u (HiGHS, exact)."""
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_matrix, hstack, identity, vstack
+
+    n_frames, n_elements = counts.shape
+    c_mat = csr_matrix(counts.astype(np.float64))
+    eye = identity(n_frames, format="csr")
+    a_ub = vstack([hstack([c_mat, -eye]), hstack([-c_mat, -eye])])
+    b_ub = np.concatenate([residual, -residual])
+    cost = np.concatenate([np.zeros(n_elements), weight])
+    bounds = [(None, None)] * n_elements + [(0, None)] * n_frames
+    result = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
+    if not result.success:
+        raise RuntimeError(f"reference refit did not converge: {result.message}")
+    return result.x[:n_elements]
+
+
 def reference_shift(errors: EnergyErrors) -> dict[int, float]:
-    """δ_z (eV per atom of z) minimising Σ_f (E_f − Ê_f − Σ_z n_fz δ_z)², float64 least squares."""
+    """δ_z (eV per atom of z) minimising the per-atom energy MAE Σ_f |E_f − Ê_f − Σ_z n_fz δ_z| / N_f."""
     elements = np.unique(np.concatenate(errors.numbers))
     counts = np.stack([np.bincount(np.searchsorted(elements, z), minlength=elements.size) for z in errors.numbers])
-    delta = element_references(counts, errors.label - errors.prediction)
+    delta = least_absolute_shift(counts, errors.label - errors.prediction, 1.0 / errors.natoms)
     return {int(z): float(d) for z, d in zip(elements, delta)}
 
 

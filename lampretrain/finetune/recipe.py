@@ -65,7 +65,7 @@ class FinetuneSection:
     checkpoint: str | None = None  # the pretrained checkpoint directory (the command's --from sets it)
     head: str | None = None  # the head trained on data.datasets[0]; default: that dataset's name
     init_from: str | None = None  # make ``head`` new, initialised from this pretrained head
-    refit_references: bool = True  # change-bias: least squares of label − prediction before step 0
+    refit_references: bool = True  # change-bias: least-absolute fit of label − prediction before step 0
     freeze: Literal["none", "backbone", "blocks"] = "none"
     freeze_blocks: int = 0  # freeze: blocks — the embeddings and this many first interaction blocks
     lr_decay: float = 1.0  # layer-wise learning-rate decay per depth (1: off)

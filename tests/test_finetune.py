@@ -66,7 +66,12 @@ def pretrained(tmp_path_factory) -> dict:
         {"path": str(FEO), "dataset": "mp_pbeu"},
         {"path": str(oxides), "dataset": "oxides_pbe"},
     ])
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     result = pretrain(parse_recipe(tiny_recipe(store, root / "pre", 12)))
+    # an in-process run must leave the preemption handlers as it found them (forked children inherit them)
+    assert signal.getsignal(signal.SIGTERM) is before
     return {
         "root": root, "store": store, "checkpoint": result.checkpoint,
         "feo": make_store(root / "feo_store", [{"path": str(FEO), "dataset": "feo"}]),

@@ -108,10 +108,12 @@ class MetricWindow:
 class Preemption:
     """SIGTERM/SIGUSR1 set a flag; all ranks agree on it after every step (gloo MAX of one int)."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self, group):
         self.group = group
         self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -204,9 +206,14 @@ def pretrain(
     ``max_steps`` stops early at that step (the schedule still follows ``train.steps``).
     """
     ctx = setup(recipe.train.device, recipe.engine.backend)
+    # Restored afterwards: a process that trains in-process (tests, notebooks) and forks later must not
+    # give its children the flag-setting SIGTERM handler, or they would ignore Pool.terminate().
+    handlers = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
     try:
         return _run(recipe, ctx, resume, max_steps, hooks or TrainHooks())
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         teardown()
 
 

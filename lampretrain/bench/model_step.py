@@ -24,8 +24,8 @@ import time
 import torch
 
 from lampretrain.bench.common import emit, peak_rss_mb
-from lampretrain.frames import Frame
 from lampretrain.graph.batch import GraphBatch, collate
+from lampretrain.io import read_frames
 from lampretrain.models import build
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -61,24 +61,6 @@ def overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set expects KEY=VALUE, got '{pair}'")
         out[key] = yaml.safe_load(value)
     return out
-
-
-def read_frames(path: str) -> list[Frame]:
-    from ase.io import read
-
-    frames = []
-    for atoms in read(path, ":"):
-        periodic = bool(atoms.pbc.any())
-        frames.append(
-            Frame(
-                positions=atoms.positions,
-                numbers=atoms.numbers,
-                cell=atoms.cell.array if periodic else None,
-                pbc=atoms.pbc,
-                source=path,
-            ).validate()
-        )
-    return frames
 
 
 def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:
@@ -160,7 +142,7 @@ def run(argv: list[str] | None = None) -> dict:
     dtype = torch.float32 if autocast else DTYPES[args.dtype]
     model = build(args.model, **overrides(args.set)).to(device=args.device, dtype=dtype)
     cutoff, three_body_cutoff = graph_cutoffs(model)
-    frames = read_frames(args.structures)
+    frames = [f.validate() for f in read_frames(args.structures)]
     batch = collate(frames, cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(args.device)
     if args.compile:
         model = torch.compile(model)

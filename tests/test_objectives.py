@@ -89,6 +89,23 @@ def test_static_balancing_divides_by_prep_scales(batch):
     assert np.isclose(float(metrics["a/loss"]), 2.0, rtol=1e-5)
 
 
+def test_static_scales_are_clamped_around_their_median():
+    """A dataset of relaxed structures (force RMS 1000× below the others) is weighted at most R× the median one."""
+    datasets = [
+        DatasetSpec("relaxed", energy_rms=0.1, force_rms=0.001),
+        DatasetSpec("md", energy_rms=0.1, force_rms=1.0),
+        DatasetSpec("molecules", energy_rms=0.1, force_rms=2.0),
+    ]
+    objective = MultiTaskObjective(ObjectiveConfig(balancing="static", static_max_ratio=10.0), datasets)
+    w = objective.balancer.weights()
+    assert torch.allclose(w[:, 1], torch.tensor([10.0, 1.0, 0.5]))
+    assert torch.allclose(w[:, 0], torch.full((3,), 10.0))  # equal scales: untouched
+    exact = MultiTaskObjective(ObjectiveConfig(balancing="static", static_max_ratio=1e6), datasets)
+    assert torch.isclose(exact.balancer.weights()[0, 1], torch.tensor(1000.0))
+    with pytest.raises(ValueError, match="static_max_ratio"):
+        ObjectiveConfig(static_max_ratio=0.5)
+
+
 def test_uncertainty_weights_react_to_a_dataset_100x_the_others():
     coefficients = torch.ones(3, 2)
     balancer = LossBalancer("uncertainty", coefficients, torch.ones(3, 2))

@@ -34,6 +34,7 @@ class ObjectiveConfig:
     magmom_weight: float = 0.1
     dataset_weights: dict[str, float] = field(default_factory=dict)  # name → multiplier, default 1
     balancing: str = "static"  # none | static | uncertainty (see objectives.balancing)
+    static_max_ratio: float = 10.0  # static: scales clamped within this factor of their median over datasets
     denoising_weight: float = 10.0  # λ_dn, deepmd-kit DPA4 dens default
     energy_on_noisy: bool = False
 
@@ -43,6 +44,8 @@ class ObjectiveConfig:
         for f in ("energy_weight", "force_weight", "stress_weight", "magmom_weight", "denoising_weight"):
             if getattr(self, f) < 0:
                 raise ValueError(f"objective.{f} must be ≥ 0, got {getattr(self, f)}")
+        if not self.static_max_ratio >= 1:
+            raise ValueError(f"objective.static_max_ratio must be ≥ 1, got {self.static_max_ratio}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveConfig":
@@ -68,7 +71,9 @@ class MultiTaskObjective(torch.nn.Module):
         task = torch.tensor([config.energy_weight, config.force_weight, config.stress_weight, config.magmom_weight])
         per_dataset = torch.tensor([float(config.dataset_weights.get(n, 1.0)) for n in self.names])
         scales = torch.tensor([[d.energy_rms, d.force_rms, 1.0, 1.0] for d in datasets], dtype=torch.float64)
-        self.balancer = LossBalancer(config.balancing, per_dataset[:, None] * task[None, :], scales.float())
+        self.balancer = LossBalancer(
+            config.balancing, per_dataset[:, None] * task[None, :], scales.float(), config.static_max_ratio
+        )
         self.active_tasks = [t for t, w in enumerate(task.tolist()) if w > 0]  # fixed by the config, not by data
         self.register_buffer("active", (task > 0)[None, :].expand(len(self.names), -1).clone())
 

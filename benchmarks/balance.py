@@ -1,8 +1,8 @@
-"""`lampretrain bench balance` as a script; the implementation lives in lampretrain/bench/balance.py."""
+"""`lampretrain bench balance` as a script (same options, results saved the same way); see lampretrain/bench/."""
 
 import sys
 
-from lampretrain.bench.balance import main
+from lampretrain.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "balance", *sys.argv[1:]]))

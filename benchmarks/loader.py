@@ -1,8 +1,8 @@
-"""`lampretrain bench loader` as a script; the implementation lives in lampretrain/bench/loader.py."""
+"""`lampretrain bench loader` as a script (same options, results saved the same way); see lampretrain/bench/."""
 
 import sys
 
-from lampretrain.bench.loader import main
+from lampretrain.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "loader", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""`lampretrain bench model` as a script; the implementation lives in lampretrain/bench/model_step.py."""
+"""`lampretrain bench model` as a script (same options, results saved the same way); see lampretrain/bench/."""
 
 import sys
 
-from lampretrain.bench.model_step import main
+from lampretrain.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "model", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""`lampretrain bench prep` as a script; the implementation lives in lampretrain/bench/prep.py."""
+"""`lampretrain bench prep` as a script (same options, results saved the same way); see lampretrain/bench/."""
 
 import sys
 
-from lampretrain.bench.prep import main
+from lampretrain.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "prep", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""`lampretrain bench scaling` as a script; the implementation lives in lampretrain/bench/scaling.py."""
+"""`lampretrain bench scaling` as a script (same options, results saved the same way); see lampretrain/bench/."""
 
 import sys
 
-from lampretrain.bench.scaling import main
+from lampretrain.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", "scaling", *sys.argv[1:]]))

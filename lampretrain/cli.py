@@ -4,6 +4,7 @@
     lampretrain prep SPEC.yaml            raw DFT files → sharded LMDB + WebDataset store
     lampretrain pretrain RECIPE.yaml      train (one process, or under torchrun / the deepspeed launcher)
     lampretrain finetune RECIPE.yaml      fine-tune a pretrained checkpoint (--from CKPT)
+    lampretrain sweep SWEEP.yaml          many fine-tuning trials on Ray Tune (ASHA), MLflow child runs, best exported
     lampretrain evaluate CKPT DATA        per-dataset MAE/RMSE vs the mean baseline, parity plots
     lampretrain export CKPT               torch.export of energy/forces/stress for one dataset head
     lampretrain inspect STORE             what a store holds (index, statistics, prep report)
@@ -33,7 +34,11 @@ BENCHES = {
     "loader": "lampretrain.bench.loader",
     "balance": "lampretrain.bench.balance",
     "model": "lampretrain.bench.model_step",
+    "train": "lampretrain.bench.train",
     "scaling": "lampretrain.bench.scaling",
+    "cost": "lampretrain.bench.cost_fit",
+    "all": "lampretrain.bench.suite",
+    "summary": "lampretrain.bench.summary",
 }
 
 
@@ -114,8 +119,15 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .bench.common import pop_save_options, set_results_file
+
     module = importlib.import_module(BENCHES[args.kind])
-    return module.main(args.options) or 0
+    options, results = pop_save_options(args.options)
+    previous = set_results_file(None if args.kind == "summary" else results)
+    try:
+        return module.main(options) or 0
+    finally:
+        set_results_file(previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="benchmarks printing one JSON line each",
-        description="Benchmarks: prep, loader, balance, model, scaling. Options after KIND go to that benchmark "
-        "(`lampretrain bench prep --help`).",
+        help="benchmarks printing JSON lines, saved to benchmarks/results/<date>-<machine>.jsonl",
+        description="Benchmarks: prep, loader, balance, model, train, scaling, cost; `all [--quick]` runs each and "
+        "renders a summary (Markdown table + PNG), `summary [RESULTS.jsonl]` renders one. Options after KIND go to "
+        "that benchmark (`lampretrain bench prep --help`); every benchmark also takes `--results PATH` (append the "
+        "JSON lines there instead of benchmarks/results/<date>-<machine>.jsonl) and `--no-save` (print only).",
     )
     p.add_argument("kind", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "launch": run_launch,
             "finetune": run_finetune,
+            "sweep": run_finetune,
             "evaluate": run_inference,
             "export": run_inference,
         }

@@ -13,9 +13,9 @@ Prints JSON lines ``bench, impl, format, workers, graphs_per_s, edges_per_s,
 peak_rss_mb`` (plus per-worker rates): ``impl=lampretrain`` (DataLoader +
 GraphCollate building 6 Å edges and 4.5 Å bond pairs in the workers) and, as
 the peer baseline on the same frames, ``impl=ase`` (ASE db rows +
-``ase.neighborlist.neighbor_list``, one process; fairchem-core itself is not
-installed here because it would pull its own lmdb, numba and CUDA packages
-into the shared environment).
+``ase.neighborlist.neighbor_list``, one process). fairchem-core's own data
+path is reported as skipped with the reason (see ``bench/peers.py``): it pins
+lmdb<=1.7.3 and pulls CUDA packages into the environment.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lampretrain.bench.common import emit, peak_rss_mb
+from lampretrain.bench import peers
+from lampretrain.bench.common import REPO_ROOT, emit, peak_rss_mb, skipped
 from lampretrain.frames import Frame
 from lampretrain.graph.datasets import GraphCollate, LmdbFrameDataset, WdsFrameDataset
 from lampretrain.store import LmdbShardWriter, WdsShardWriter
 
-OXIDES = Path(__file__).resolve().parents[1] / "tests" / "data" / "real" / "fairchem_oxides_asedb" / "oxides.db"
+OXIDES = REPO_ROOT / "tests" / "data" / "real" / "fairchem_oxides_asedb" / "oxides.db"
 
 
 def _oxides_frames() -> list[Frame]:
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         emit(bench_lampretrain(args, lmdb_paths, shard, key, tars, cutoff, three_body), args.json_out)
         if not args.no_baseline and not args.store:
             emit(bench_ase(args, cutoff), args.json_out)
+            module, reason = peers.load("fairchem")
+            reason = reason or "fairchem-core imports, but its AseDBDataset side by side is not wired in yet"
+            emit(skipped("loader", peers.PEERS["fairchem"].name, reason, format="aselmdb"), args.json_out)
     return 0
 
 

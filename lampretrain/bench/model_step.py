@@ -13,17 +13,35 @@ overrides a model option (e.g. ``--set checkpoint_angles=0``).
 Works for any registered model that follows the backbone contract
 (``model(batch, compute_forces, compute_stress)``); the graph cutoffs come from ``model.config``
 (``cutoff`` and, for models with a line graph, ``three_body_cutoff``; 0 means no angles).
+
+Peers run side by side in the same process on the same frames (``--peers auto``, the default),
+timed in alternation with ours so that a load change on a shared machine hits both: the official
+MatRIS code for ``matris-*`` (``impl: matris-official``, with ``ratio`` = our atoms/s over its),
+deepmd-kit's DPA4 for ``dpa4-*`` (reported as skipped with the reason while it cannot run here).
+
+GPU path (``--device cuda``): timing is synchronised around every step after ``--warmup`` steps
+(which also absorb ``--compile``'s compilation), memory is ``torch.cuda.max_memory_allocated``
+over the timed steps (``peak_cuda_mb``). ``--max-fit`` then searches the largest supercell of the
+first structure whose step still fits in device memory (binary search over the repeat sequence
+1×1×1, 2×1×1, 2×2×1, 2×2×2, 3×2×2, ...; an out-of-memory step is caught and the cache emptied)
+and emits a ``model_max_fit`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import statistics
 import time
+from typing import Callable
 
+import numpy as np
 import torch
 
-from lampretrain.bench.common import emit, peak_rss_mb
+from lampretrain.bench.common import emit, peak_rss_mb, reset_peak_rss, skipped
+from lampretrain.bench import peers
+from lampretrain.frames import Frame
 from lampretrain.graph.batch import GraphBatch, collate
 from lampretrain.io import read_frames
 from lampretrain.models import build
@@ -47,6 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="model option override (YAML value), repeatable"
     )
     p.add_argument("--flops", action="store_true", help="also count matmul FLOPs per step and measure the matmul rate")
+    p.add_argument("--peers", choices=("auto", "none"), default="auto",
+                   help="run the peer implementation side by side when installed (default: %(default)s)")
+    p.add_argument("--max-fit", action="store_true",
+                   help="CUDA: also find the largest supercell of the first structure whose step fits in memory")
+    p.add_argument("--max-repeat", type=int, default=40, help="--max-fit searches repeats up to N×N×N")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     return p.parse_args(argv)
 
@@ -68,16 +91,22 @@ def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:
     return float(getattr(config, "cutoff", 6.0)), float(getattr(config, "three_body_cutoff", 0.0))
 
 
+def under_autocast(step: Callable, device: str, autocast: torch.dtype | None) -> Callable:
+    """``step`` run under ``torch.autocast`` (None: unchanged)."""
+    if autocast is None:
+        return step
+
+    def mixed():
+        with torch.autocast(device_type=device, dtype=autocast):
+            return step()
+
+    return mixed
+
+
 def make_step(model: torch.nn.Module, batch: GraphBatch, mode: str, device: str, autocast: torch.dtype | None):
     """A closure running one step; training uses an energy + force + stress MSE and AdamW."""
     if autocast is not None:
-        plain = make_step(model, batch, mode, device, None)
-
-        def mixed():
-            with torch.autocast(device_type=device, dtype=autocast):
-                return plain()
-
-        return mixed
+        return under_autocast(make_step(model, batch, mode, device, None), device, autocast)
     if mode == "infer":
         model.eval()
 
@@ -133,62 +162,176 @@ def count_flops(step) -> int:
     return int(counter.get_total_flops())
 
 
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+
+
+def peak_memory_mb(device: str) -> float:
+    """CUDA: peak allocated tensor memory; CPU: peak resident memory of the process (since the last reset)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
+
+
+def time_alternating(steps: dict[str, Callable], repeat: int, warmup: int, device: str) -> dict[str, dict]:
+    """Median seconds and peak memory of each step; the implementations take turns within every repetition."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, 0.0)
+    for _ in range(repeat):
+        for name, step in steps.items():
+            synchronize(device)
+            reset_peak_memory(device)
+            t = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t)
+            peaks[name] = max(peaks[name], peak_memory_mb(device))
+    return {name: {"median_s_per_step": statistics.median(times[name]), "peak_mb": peaks[name]} for name in steps}
+
+
+def supercell(frame: Frame, repeat: tuple[int, int, int]) -> Frame:
+    """``frame`` repeated along its cell vectors, labels tiled (energy extensive, stress intensive)."""
+    if frame.cell is None:
+        raise ValueError(f"{frame.source}: a supercell needs a periodic cell")
+    m = int(np.prod(repeat))
+    shifts = np.array([(i, j, k) for i in range(repeat[0]) for j in range(repeat[1]) for k in range(repeat[2])])
+    positions = (frame.positions[None, :, :] + (shifts @ frame.cell)[:, None, :]).reshape(-1, 3)  # image-major
+    tile = (lambda a: None if a is None else np.tile(a, (m, 1)) if a.ndim == 2 else np.tile(a, m))
+    return dataclasses.replace(
+        frame, positions=positions, numbers=np.tile(frame.numbers, m), cell=frame.cell * np.array(repeat)[:, None],
+        energy=None if frame.energy is None else frame.energy * m, forces=tile(frame.forces),
+        magmoms=tile(frame.magmoms), source=f"{frame.source} x{repeat[0]}x{repeat[1]}x{repeat[2]}",
+    )
+
+
+def repeat_sequence(n: int) -> list[tuple[int, int, int]]:
+    """1×1×1, 2×1×1, 2×2×1, 2×2×2, 3×2×2, ... up to n×n×n: each grows one axis by one, so atoms increase monotonically."""
+    seq, rep = [(1, 1, 1)], [1, 1, 1]
+    while rep != [n, n, n]:
+        rep[rep.index(min(rep))] += 1
+        seq.append(tuple(sorted(rep, reverse=True)))
+    return seq
+
+
+def fits(model, frame: Frame, mode: str, device: str, autocast, cutoffs, dtype) -> dict | None:
+    """Memory and time of one step on ``frame`` after a warm-up step, or None when it runs out of device memory."""
+    try:
+        batch = collate([frame], cutoff=cutoffs[0], three_body_cutoff=cutoffs[1], dtype=dtype).to(device)
+        step = make_step(model, batch, mode, device, autocast)
+        step()
+        timed = time_alternating({"step": step}, repeat=1, warmup=0, device=device)["step"]
+        return {"atoms": frame.natoms, "edges": batch.num_edges, "angles": batch.num_angles, **timed}
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # compiled code may re-raise it as a RuntimeError
+        if "out of memory" not in str(err).lower():
+            raise
+        return None
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def max_fit(args, model, frame: Frame, autocast, dtype) -> dict:
+    """Binary search over :func:`repeat_sequence` for the largest supercell of ``frame`` whose step fits."""
+    seq = repeat_sequence(args.max_repeat)
+    cutoffs = graph_cutoffs(model)
+    lo, hi, best = 0, len(seq) - 1, None  # invariant: seq[lo - 1] fitted (or lo == 0), seq[hi + 1] did not
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        measured = fits(model, supercell(frame, seq[mid]), args.mode, args.device, autocast, cutoffs, dtype)
+        gc.collect()  # the out-of-memory traceback held the failed step's tensors
+        torch.cuda.empty_cache()
+        if measured is None:
+            hi = mid - 1
+        else:
+            best, lo = (seq[mid], measured), mid + 1
+    result = {"bench": "model_max_fit", "impl": "lampretrain", "model": args.model, "mode": args.mode,
+              "device": args.device, "dtype": args.dtype, "compile": args.compile, "structure": frame.source,
+              "device_memory_mb": torch.cuda.get_device_properties(0).total_memory / 2**20,
+              "searched_up_to": list(seq[-1])}
+    if best is None:
+        return {**result, "repeat": None, "atoms": 0}
+    (repeat, m) = best
+    return {**result, "repeat": list(repeat), "atoms": m["atoms"], "edges": m["edges"], "angles": m["angles"],
+            "peak_cuda_mb": m["peak_mb"], "median_s_per_step": m["median_s_per_step"],
+            "atoms_per_s": m["atoms"] / m["median_s_per_step"]}
+
+
+def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | None]:
+    """({impl: step} of the installed peer of ``args.model``, or the skipped line)."""
+    if args.peers == "none":
+        return {}, None
+    if args.model.startswith("matris"):
+        module, reason = peers.load("matris")
+        if module is None:
+            return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
+        from lampretrain.bench.peer_matris import build_official, make_official_step
+
+        official = build_official(model.config, args.device, dtype)
+        return {peers.PEERS["matris"].name: (official, make_official_step(official, frames, args.mode, args.device))}, None
+    if args.model.startswith("dpa4"):
+        module, reason = peers.load("deepmd-kit")
+        reason = reason or "deepmd-kit imports, but its DPA4 side by side is not wired into this benchmark yet"
+        return {}, skipped("model", peers.PEERS["deepmd-kit"].name, reason, model=args.model, mode=args.mode)
+    return {}, None
+
+
 def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv``, time the step, print and return the JSON result."""
+    """Parse ``argv``, time the step (and the peer's), print and return our JSON result."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_fit and args.device != "cuda":
+        raise SystemExit("--max-fit needs --device cuda (a CPU out-of-memory kills the process instead of raising)")
     autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     dtype = torch.float32 if autocast else DTYPES[args.dtype]
     model = build(args.model, **overrides(args.set)).to(device=args.device, dtype=dtype)
     cutoff, three_body_cutoff = graph_cutoffs(model)
     frames = [f.validate() for f in read_frames(args.structures)]
     batch = collate(frames, cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(args.device)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plain_model = model
     if args.compile:
         model = torch.compile(model)
-    step = make_step(model, batch, args.mode, args.device, autocast)
-    for _ in range(args.warmup):
-        step()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeat):
-        synchronize(args.device)
-        t = time.perf_counter()
-        step()
-        synchronize(args.device)
-        times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    if args.device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = peak_rss_mb()
+    steps = {"lampretrain": make_step(model, batch, args.mode, args.device, autocast)}
+    peer_models, skip = peer_steps(args, plain_model, frames, dtype)
+    for name, (peer_model, peer_step) in peer_models.items():
+        steps[name] = under_autocast(peer_step, args.device, autocast)
+    measured = time_alternating(steps, args.repeat, args.warmup, args.device)
     atoms = int(batch.n_atoms.sum())
-    result = {
-        "bench": "model",
-        "impl": "lampretrain",
-        "model": args.model,
-        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "n_structures": len(frames),
-        "atoms": atoms,
-        "edges": batch.num_edges,
-        "angles": batch.num_angles,
-        "mode": args.mode,
-        "device": args.device,
-        "median_s_per_step": median,
-        "atoms_per_s": atoms / median,
-        "peak_rss_mb": peak_mb,
-    }
+    case = {"model": args.model, "n_structures": len(frames), "atoms": atoms, "edges": batch.num_edges,
+            "angles": batch.num_angles, "mode": args.mode, "device": args.device, "dtype": args.dtype,
+            "compile": args.compile, "threads": torch.get_num_threads()}
+    results = []
+    for name, m in measured.items():
+        impl_params = params if name == "lampretrain" else sum(p.numel() for p in peer_models[name][0].parameters())
+        result = {"bench": "model", "impl": name, **case, "params": impl_params,
+                  "median_s_per_step": m["median_s_per_step"], "atoms_per_s": atoms / m["median_s_per_step"],
+                  "peak_rss_mb": m["peak_mb"]}
+        if args.device == "cuda":
+            result["peak_cuda_mb"] = m["peak_mb"]
+        results.append(result)
+    ours = results[0]
+    for peer in results[1:]:
+        peer["ratio"] = ours["atoms_per_s"] / peer["atoms_per_s"]  # > 1: lampretrain is faster
+        peer["memory_ratio"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
     if args.flops:
-        flops = count_flops(step)
+        flops = count_flops(steps["lampretrain"])
         rate = matmul_rate(args.device, autocast or dtype)
-        result.update(
+        ours.update(
             matmul_flops_per_step=flops,
             matmul_gflops_measured=rate / 1e9,
-            matmul_utilization=flops / median / rate,
+            matmul_utilization=flops / ours["median_s_per_step"] / rate,
         )
-    emit(result, args.json_out)
-    return result
+    for result in results:
+        emit(result, args.json_out)
+    if skip is not None:
+        emit(skip, args.json_out)
+    if args.max_fit:
+        emit(max_fit(args, model, frames[0], autocast, dtype), args.json_out)
+    return ours
 
 
 def main(argv: list[str] | None = None) -> int:

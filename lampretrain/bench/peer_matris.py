@@ -1,0 +1,103 @@
+"""The official MatRIS code (PyPI ``matris`` 0.1.0) as a peer of ``lampretrain bench model``.
+
+The official model is built with the hyper-parameters of ours (spec §5: the released 10M uses
+``three_body_expansion="fourier"``, ``norm_type="layer"``, GateMLP interactions, learnable bases),
+random weights, and run on the same frames: its own graph converter (pymatgen neighbor list, line
+graph at the three-body cutoff) builds the graphs once, outside the timed step, as our collate does.
+Forces and stress are conservative (autograd inside its forward), as ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable
+
+import torch
+
+from ..frames import Frame
+
+EV_A3_TO_GPA = 160.21766208
+
+
+def official_kwargs(config) -> dict:
+    """Keyword arguments of ``matris.model.MatRIS`` matching a :class:`MatRISConfig`."""
+    return {
+        "num_layers": config.num_layers,
+        "node_feat_dim": config.atom_dim,
+        "edge_feat_dim": config.bond_dim,
+        "three_body_feat_dim": config.angle_dim,
+        "mlp_hidden_dims": list(config.readout_hidden),
+        "three_body_expansion": "fourier",
+        "num_radial": config.num_radial,
+        "num_angular": config.num_angular,
+        "envelope_exponent": config.envelope_exponent,
+        "graph_conv_mlp": "GateMLP",
+        "norm_type": config.norm,
+        "use_bias": False,
+        "learnable_basis": True,
+        "pairwise_cutoff": config.cutoff,
+        "three_body_cutoff": config.three_body_cutoff,
+        "use_smoothed_for_delta_edge": config.smoothed_edge_delta,
+        "is_intensive": False,  # total energies, as ours
+        "is_conservation": True,
+    }
+
+
+def build_official(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    from matris.model import MatRIS
+
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count; stdout carries JSON lines
+        model = MatRIS(**official_kwargs(config))
+    return model.to(device=device, dtype=dtype)
+
+
+def official_graphs(model: torch.nn.Module, frames: list[Frame], device: str) -> list:
+    """The official RadiusGraphs of ``frames`` (periodic structures only: its converter takes pymatgen Structures)."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    graphs = []
+    with contextlib.redirect_stdout(sys.stderr):
+        for frame in frames:
+            if frame.cell is None or not all(frame.pbc):
+                raise ValueError(f"{frame.source}: the official MatRIS graph converter needs a periodic cell")
+            structure = AseAtomsAdaptor.get_structure(frame.to_atoms())
+            graphs.append(model.graph_converter(structure).to(device))
+    return graphs
+
+
+def make_official_step(model: torch.nn.Module, frames: list[Frame], mode: str, device: str) -> Callable[[], float]:
+    """One official step on all ``frames``: inference of E, F, σ, or the same MSE training step and AdamW as ours."""
+    graphs = official_graphs(model, frames, device)
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            out = model(graphs, task="efs", is_training=False)
+            return out["e"].sum().item()
+
+        return infer
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    dtype = next(model.parameters()).dtype
+    energy = torch.tensor([f.energy for f in frames], dtype=dtype, device=device)
+    forces = torch.cat([torch.as_tensor(f.forces, dtype=dtype) for f in frames]).to(device)
+    n = torch.tensor([len(f.numbers) for f in frames], dtype=dtype, device=device)
+    # its stress is in GPa; an absent label counts as zero, as it only has to shape the same graph
+    stress_label = torch.stack(
+        [torch.zeros(3, 3) if f.stress is None else torch.as_tensor(f.stress) * EV_A3_TO_GPA for f in frames]
+    ).to(device=device, dtype=dtype)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(graphs, task="efs", is_training=True)
+        loss = (
+            (((out["e"] - energy) / n) ** 2).mean()
+            + ((torch.cat(out["f"]) - forces) ** 2).mean()
+            + ((torch.stack(out["s"]) - stress_label) ** 2).mean()
+        )
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return train

@@ -9,7 +9,7 @@ Example (``recipes/*.yaml`` hold complete ones)::
     objective: {energy: 5.0, forces: 5.0, stress: 0.1, magmoms: 0.1}
     optim: {lr: 3.0e-4, weight_decay: 1.0e-2}
     schedule: {kind: cosine, warmup_steps: 10}
-    train: {steps: 200, grad_accum: 1, clip_grad_norm: 5.0, ema_decay: 0.999}
+    train: {steps: 200, grad_accum: 1, clip_grad_norm: 5.0, ema_decay: 0.999, eval_every: 50}
     engine: {name: ddp}
     checkpoint: {every: 50, keep: 3}
     tracking: {uri: null, experiment: lampretrain}
@@ -147,17 +147,20 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10
+    eval_every: int | None = None  # validate on the store's val split every N steps and at the end (None: never)
     progress: bool = True  # a progress bar on rank 0
 
     def check(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
             raise ConfigError("steps and grad_accum must be >= 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every: must be >= 1 (or null for no validation), got {self.eval_every}")
 
 
 @dataclass
 class EngineSection:
     name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
+    zero_stage: int = 2  # deepspeed only: 1 or 2 (3 is refused with forces; fsdp shards parameters instead)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     find_unused_parameters: bool = False  # ddp: parameters that never reach the loss (MatRIS's last bond update)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last

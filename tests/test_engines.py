@@ -175,5 +175,13 @@ def test_engines_train_with_forces_and_agree(model_name, tmp_path):
         assert results[name]["losses"] == pytest.approx(results["ddp"]["losses"], rel=1e-4)
 
 
+def test_zero3_is_refused_with_the_reason():
+    """ZeRO-3 releases parameters after every backward, the inner force gradient included (engines/deepspeed.py)."""
+    from lampretrain.train.engines import make_engine
+
+    with pytest.raises(ValueError, match=r"ZeRO-3 cannot train conservative forces.*size 0.*#3539.*engine.name: fsdp"):
+        make_engine("deepspeed", torch.nn.Linear(2, 1), optimizer, torch.device("cpu"), None, zero_stage=3)
+
+
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2])

@@ -64,7 +64,7 @@ def store(tmp_path_factory) -> Path:
 
 def write_recipe(tmp_path: Path, store: Path, **sections) -> Path:
     recipe = yaml.safe_load((REPO / "recipes" / "demo-dpa4.yaml").read_text())
-    recipe["data"].update(store=str(store), budget=60, max_natoms=30)
+    recipe["data"].update(store=str(store), budget=60, max_natoms=30, datasets=None)  # all of the test store's
     recipe["model"]["options"] = {"channels": 8, "lmax": 1, "n_blocks": 1, "so2_layers": 1, "n_radial": 4, "cutoff": 5.0}
     recipe["model"]["heads"] = {"hidden": [8]}
     recipe["output"] = str(tmp_path / "run")
@@ -124,10 +124,10 @@ def test_recipe_rejects_unknown_keys_and_applies_overrides():
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.name.startswith("finetune-")), ids=lambda p: p.name
+    "path", sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.name.startswith(("finetune-", "sweep-"))), ids=lambda p: p.name
 )
 def test_shipped_recipes_validate(path):
-    """Pretraining recipes (fine-tuning recipes need a checkpoint: tests/test_finetune.py validates them)."""
+    """Pretraining recipes (fine-tuning and sweep recipes need a checkpoint: their own tests validate them)."""
     recipe = load_recipe(path)
     assert recipe.model.name and recipe.train.steps > 0
 
@@ -144,6 +144,30 @@ def test_schedules():
     assert lr_factor(30, 100, wsd, 1.0) == 1.0 and lr_factor(49, 100, wsd, 1.0) == 1.0  # stable phase
     assert lr_factor(75, 100, wsd, 1.0) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(100, 100, wsd, 1.0) == pytest.approx(0.1)
+
+
+def test_metric_window_weights_counts_and_means():
+    """X_mae weighted by X_count over micro-batches, counts summed, other metrics averaged per micro-batch."""
+    import torch.distributed as dist
+
+    from lampretrain.train.trainer import MetricWindow
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        window = MetricWindow()
+        t = torch.tensor
+        window.add({"loss": t(1.0), "a/forces_mae": t(0.5), "a/forces_count": t(3.0), "a/n_graphs": t(2)})
+        window.add({"loss": t(3.0), "a/forces_mae": t(0.9), "a/forces_count": t(1.0), "a/n_graphs": t(1)})
+        window.add({"loss": t(2.0), "a/forces_mae": t(7.0), "a/forces_count": t(0.0), "a/n_graphs": t(0)})
+        window.add({"grad_norm": t(4.0)})
+        window.add({"grad_norm": t(6.0)})
+        out = window.reduce(1)
+        assert out == pytest.approx({"loss": 2.0, "a/forces_mae": (0.5 * 3 + 0.9) / 4, "a/forces_count": 4.0,
+                                     "a/n_graphs": 3.0, "grad_norm": 5.0})
+        window.add({"b/energy_mae": t(1.0), "b/energy_count": t(0.0)})
+        assert window.reduce(1) == {"b/energy_count": 0.0}  # no labelled value: no MAE, not 0 and not NaN
+    finally:
+        dist.destroy_process_group()
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------
@@ -239,6 +263,51 @@ def test_sigkill_then_resume_auto_is_bitwise(store, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def resume_worker(*recipes: str) -> None:
+    """One torchrun job, several runs in one process group: for every pair (reference, split) of recipes,
+    the reference trains straight through; the split one stops at step 2 (``--max-steps``) and a second
+    call resumes it with ``--resume auto``."""
+    import torch.distributed as dist
+
+    from lampretrain.recipe import load_recipe
+    from lampretrain.train import pretrain
+
+    dist.init_process_group("gloo")
+
+    for ref, split in zip(recipes[::2], recipes[1::2]):
+        pretrain(load_recipe(ref))
+        assert pretrain(load_recipe(split), max_steps=2).step == 2
+        assert pretrain(load_recipe(split), resume="auto").step == 4
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_and_deepspeed_resume_equals_uninterrupted(store, tmp_path):
+    """2 ranks, FSDP2 and DeepSpeed ZeRO-2: checkpoint at step 2 (sharded model, optimizer and EMA; ZeRO's
+    fp32 partitions), resume, and step 4 equals the uninterrupted run's step 4 bitwise."""
+    pytest.importorskip("deepspeed")
+    engines = {"fsdp": {"name": "fsdp"}, "zero2": {"name": "deepspeed", "zero_stage": 2}}
+    recipes = []
+    for name, engine in engines.items():
+        for kind in ("ref", "split"):
+            (tmp_path / name / kind).mkdir(parents=True)
+            recipes.append(str(write_recipe(tmp_path / name / kind, store, engine=engine, train={"steps": 4},
+                                            tracking={"enabled": False})))
+    proc = subprocess.run(
+        [*pretrain_cmd(Path(recipes[0]))[:-4], __file__, *recipes],
+        capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name in engines:
+        a = saved_tensors(tmp_path / name / "ref" / "run" / "checkpoints" / "step-000000004", tmp_path)
+        b = saved_tensors(tmp_path / name / "split" / "run" / "checkpoints" / "step-000000004", tmp_path)
+        assert a.keys() == b.keys()
+        compared = [k for k in a if k.startswith(("/model", "/optim", "/zero", "/ema"))]
+        assert len(compared) > 20 and any(k.startswith(("/optim", "/zero")) for k in compared)
+        for k in compared:  # bitwise on CPU: same data order, RNG states and reduction order
+            assert torch.equal(a[k], b[k]), f"{name} {k}"
+
+
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_and_checkpoint(store, tmp_path):
     recipe = write_recipe(tmp_path, store, train={"steps": 4}, checkpoint={"every": 4})
@@ -258,3 +327,7 @@ def test_two_nodes_on_loopback_train_and_checkpoint(store, tmp_path):
     ckpt.verify(last)
     assert ckpt.read_meta(last)["world_size"] == 2
     assert len(list(last.glob("*.distcp"))) == 2  # each node wrote its shard (its RNG state at least)
+
+
+if __name__ == "__main__":
+    resume_worker(*sys.argv[1:])

@@ -5,8 +5,8 @@
 
 For each rank count the real ``lampretrain pretrain`` loop runs under
 torchrun (gloo on CPU, nccl on GPU) for ``--warmup`` steps and then
-``--steps`` measured steps (one metric window; no MLflow, no checkpoint
-inside the window). Prints one JSON line per rank count::
+``--steps`` measured steps (metric windows of gcd(warmup, steps) steps, as
+the trainer logs them; no MLflow, no checkpoint inside). Prints one JSON line per rank count::
 
     bench, ranks, device, model, step_time_s, atoms_per_s, atoms_per_s_per_rank, efficiency, imbalance_atoms
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def bench_recipe(args: argparse.Namespace, out_dir: Path) -> dict:
         "objective": {"energy": 1.0, "forces": 1.0, "stress": 0.1},
         "optim": {"lr": 1e-3},
         "schedule": {"kind": "constant"},
-        "train": {"steps": args.warmup + args.steps, "log_every": args.warmup if args.warmup else args.steps,
+        "train": {"steps": args.warmup + args.steps, "log_every": math.gcd(args.warmup, args.steps),
                   "progress": False, "device": args.device, "seed": 0},
         "engine": {"name": "ddp", "find_unused_parameters": args.model.startswith("matris")},
         "checkpoint": {"every": 10**9, "keep": 1},
@@ -59,14 +60,36 @@ def bench_recipe(args: argparse.Namespace, out_dir: Path) -> dict:
     }
 
 
-def worker(recipe_path: str, result_path: str) -> None:
-    """One rank of the measured run (under torchrun); rank 0 writes the last metric window."""
+def measured(windows: list[tuple[int, dict[str, float]]], warmup: int) -> dict[str, float]:
+    """The metric windows after ``warmup`` steps (all of equal length) combined: mean step time, atoms/s over
+    their total time, mean rank imbalance."""
+    after = [m for step, m in windows if step > warmup]
+    seconds = sum(m["step_time_s"] for m in after)
+    atoms = sum(m["atoms_per_s"] * m["step_time_s"] for m in after)
+    return {
+        "step_time_s": seconds / len(after), "atoms_per_s": atoms / seconds,
+        "imbalance_atoms": sum(m["imbalance_atoms"] for m in after) / len(after),
+    }
+
+
+def worker(recipe_path: str, result_path: str, warmup: int) -> None:
+    """One rank of the measured run (under torchrun); rank 0 writes the windows after the warmup combined."""
     from lampretrain.recipe import load_recipe
     from lampretrain.train import pretrain
+    from lampretrain.train.trainer import TrainHooks
 
-    result = pretrain(load_recipe(recipe_path))
+    class Windows(TrainHooks):
+        def __init__(self):
+            self.seen: list[tuple[int, dict[str, float]]] = []
+
+        def on_log(self, step: int, metrics: dict[str, float]) -> None:
+            self.seen.append((step, metrics))
+
+    recipe = load_recipe(recipe_path)
+    hooks = Windows()
+    pretrain(recipe, hooks=hooks)
     if int(os.environ.get("RANK", 0)) == 0:
-        Path(result_path).write_text(json.dumps(result.last_metrics))
+        Path(result_path).write_text(json.dumps(measured(hooks.seen, warmup)))
 
 
 def run_ranks(args: argparse.Namespace, ranks: int, tmp: Path) -> dict:
@@ -79,7 +102,7 @@ def run_ranks(args: argparse.Namespace, ranks: int, tmp: Path) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "lampretrain.bench.scaling", "--worker", str(recipe), str(result)]
+           "--master_port", str(port), "-m", "lampretrain.bench.scaling", "--worker", str(recipe), str(result), str(args.warmup)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -131,7 +154,7 @@ def bare_step_time(args: argparse.Namespace, tmp: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        worker(argv[1], argv[2])
+        worker(argv[1], argv[2], int(argv[3]))
         return 0
     p = argparse.ArgumentParser(prog="lampretrain bench scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", default="outputs/demo/store", help="prepared store (default: %(default)s)")

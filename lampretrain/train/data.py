@@ -1,4 +1,5 @@
-"""The training stream of one rank: store rows → cost-balanced sampler → DataLoader of graph batches."""
+"""The data of one rank: the training stream (store rows → cost-balanced sampler → DataLoader of graph
+batches) and the validation batches (this rank's share of the val split, every frame once)."""
 
 from __future__ import annotations
 
@@ -52,26 +53,34 @@ class TrainData:
             epoch, position = epoch + 1, 0
 
 
-def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) -> TrainData:
-    index = StoreIndex.open(cfg.store)
-    names = cfg.datasets or index.datasets
+def _selected(index: StoreIndex, cfg: DataSection, names: list[str], split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positions within the split's rows, their store dataset ids) of the split's frames of ``names``
+    within ``max_natoms``."""
     unknown = sorted(set(names) - set(index.datasets))
     if unknown:
         raise ValueError(f"data.datasets names {unknown}, not in store {cfg.store} (has {index.datasets})")
-    rows = index.rows(cfg.split)
-    frames = LmdbFrameDataset.from_index(index, cfg.split)
+    rows = index.rows(split)
     store_ds = np.asarray(index.dataset[rows], dtype=np.int64)
-    wanted = np.array([index.datasets.index(n) for n in names])
-    keep = np.isin(store_ds, wanted)
+    keep = np.isin(store_ds, [index.datasets.index(n) for n in names])
     if cfg.max_natoms is not None:
         keep &= index.natoms[rows] <= cfg.max_natoms
     keep = np.nonzero(keep)[0]
+    return keep, store_ds[keep]
+
+
+def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) -> TrainData:
+    index = StoreIndex.open(cfg.store)
+    names = cfg.datasets or index.datasets
+    keep, kept_ds = _selected(index, cfg, names, cfg.split)
     if keep.size == 0:
         raise ValueError(f"data: no '{cfg.split}' frames left in {cfg.store} for datasets {names} (max_natoms={cfg.max_natoms})")
+    rows = index.rows(cfg.split)
+    frames = LmdbFrameDataset.from_index(index, cfg.split)
+    wanted = np.array([index.datasets.index(n) for n in names])
     sel = rows[keep]
     remap = np.full(len(index.datasets), -1, dtype=np.int64)
     remap[wanted] = np.arange(len(names))
-    head_ds = remap[store_ds[keep]]
+    head_ds = remap[kept_ds]
     cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[sel], index.n_edges[sel], index.n_angles[sel])
     sizes = np.bincount(head_ds, minlength=len(names))
     s = cfg.sampling
@@ -95,3 +104,34 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
         generator=torch.Generator().manual_seed(seed),  # iter(loader) draws a seed: keep it off the global RNG
     )
     return TrainData(index, list(names), sampler, loader, np.asarray(index.natoms[sel]))
+
+
+def build_val_loader(cfg: DataSection, names: list[str], rank: int, world_size: int) -> DataLoader | None:
+    """This rank's share of the val split of datasets ``names`` (head order) as graph batches; None if it is empty.
+
+    Rank r takes every world_size-th frame from r, in index order, packed
+    greedily into micro-batches of at most ``cfg.budget`` cost (a costlier
+    frame goes alone), so across ranks every val frame is evaluated exactly
+    once. Ranks may get different numbers of batches: evaluation has no
+    collective per batch.
+    """
+    index = StoreIndex.open(cfg.store)
+    keep, _ = _selected(index, cfg, names, "val")
+    if keep.size == 0:
+        return None
+    mine = keep[rank::world_size]
+    sel = index.rows("val")[mine]
+    cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[sel], index.n_edges[sel], index.n_angles[sel])
+    batches: list[list[int]] = []
+    load = float("inf")
+    for i, c in enumerate(cost):
+        if load + c > cfg.budget:
+            batches.append([])
+            load = 0.0
+        batches[-1].append(i)
+        load += c
+    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)})
+    return DataLoader(
+        _Rows(LmdbFrameDataset.from_index(index, "val"), mine), batch_sampler=batches, collate_fn=collate,
+        num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+    )

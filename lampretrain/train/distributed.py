@@ -17,6 +17,7 @@ class Context:
     local_rank: int
     device: torch.device
     control: dist.ProcessGroup  # gloo group for host-side flags (preemption), never touches the GPU stream
+    owns_group: bool = True  # setup() created the process group, so teardown() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +31,12 @@ def free_port() -> int:
 
 
 def setup(device: str = "auto", backend: str = "auto") -> Context:
-    """Join the job's process group (env:// from torchrun/deepspeed) or make a group of one."""
+    """Join the job's process group (env:// from torchrun/deepspeed) or make a group of one.
+
+    A process group the caller initialized already is used as it is and outlives the run: a process
+    that runs several trainings (tests, notebooks) keeps one group, because re-initializing one on the
+    same rendezvous store is not reliable (stale keys, libraries' cached sub-groups).
+    """
     if "RANK" not in os.environ:  # a plain `lampretrain pretrain`: a world of one, same code path
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -43,13 +49,15 @@ def setup(device: str = "auto", backend: str = "auto") -> Context:
         dev = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
-    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank, dev, control)
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, dev, control, owns)
 
 
-def teardown() -> None:
+def teardown(ctx: Context) -> None:
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if ctx.owns_group:
+            dist.destroy_process_group()

@@ -13,6 +13,9 @@ so the average costs no communication and checkpoints like the model.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 
@@ -44,3 +47,16 @@ class EMA:
         """Write the averaged weights into ``params`` (for evaluation or export)."""
         for name, value in self.shadow.items():
             params[name].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in place of the live ones for the duration (validation), the live ones after."""
+        names = list(self.shadow)
+        live = [self.params[n].detach().clone() for n in names]
+        self.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in zip(names, live):
+                    self.params[name].copy_(value)

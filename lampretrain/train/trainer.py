@@ -11,7 +11,7 @@ One optimizer step, as :func:`pretrain` runs it::
     grad_norm = engine.step(clip)                      # clip, AdamW, zero grads
     ema.update(step)
 
-Everything else (logging, checkpoints, signals) happens between steps. The
+Everything else (logging, validation, checkpoints, signals) happens between steps. The
 only host syncs per step are the preemption flag (a gloo all-reduce of one
 int) and, every ``log_every`` steps, one all-reduce of the metric window.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,13 @@ from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiT
 from ..objectives import MultiTaskObjective
 from ..recipe import Recipe, recipe_dict
 from . import checkpoint as ckpt
-from .data import TrainData, build_train_data
+from .data import TrainData, build_train_data, build_val_loader
 from .distributed import Context, setup, teardown
 from .ema import EMA
 from .engines import Engine, make_engine
 from .schedules import lr_factor
 from .tracking import Tracker
+from .validation import validate
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RunResult:
     mlflow_run_id: str | None
     preempted: bool
     last_metrics: dict[str, float]
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation (val/<dataset>/<q>_mae)
 
 
 class MetricWindow:
@@ -58,51 +60,66 @@ class MetricWindow:
     A metric ``X_mae`` that comes with ``X_count`` is averaged weighted by its
     count (a dataset absent from a micro-batch has count 0 and weighs nothing);
     ``*_count``/``*n_graphs`` are summed; everything else is a plain mean over
-    micro-batches.
+    micro-batches. The per-key rules are fixed once per set of keys, so adding a
+    micro-batch's metrics costs one stack and a few vector ops, not a few per metric.
     """
 
     def __init__(self):
-        self.num: dict[str, torch.Tensor] = {}
-        self.den: dict[str, torch.Tensor | float] = {}
+        self._sums: dict[tuple[str, ...], _KeySums] = {}
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        for key, value in metrics.items():
-            value = value.detach().float()
-            count_key = key[: -len("_mae")] + "_count" if key.endswith("_mae") else None
-            if count_key and count_key in metrics:
-                weight = metrics[count_key].detach().float()
-                self._acc(key, value * weight, weight)
-            elif key.endswith("_count") or key.endswith("n_graphs"):
-                self._acc(key, value, None)
-            else:
-                self._acc(key, value, 1.0)
-
-    def _acc(self, key: str, num: torch.Tensor, den) -> None:
-        self.num[key] = self.num[key] + num if key in self.num else num
-        if den is not None:
-            self.den[key] = self.den[key] + den if key in self.den else den
+        keys = tuple(metrics)
+        with torch.no_grad():
+            values = torch.stack(list(metrics.values())).float()  # (M,) scalars, dtypes promoted
+        if keys not in self._sums:
+            self._sums[keys] = _KeySums(keys, values.device)
+        self._sums[keys].add(values)
 
     def reduce(self, world_size: int) -> dict[str, float]:
         """All ranks call this together; returns averages over all ranks and micro-batches."""
-        if not self.num:
+        if not self._sums:
             return {}
-        keys = sorted(self.num)
-        device = next(iter(self.num.values())).device
-        dens = [torch.as_tensor(self.den.get(k, 1.0), dtype=torch.float32, device=device) for k in keys]
-        flat = torch.stack([self.num[k].reshape(()) for k in keys] + [d.reshape(()) for d in dens])
+        parts = list(self._sums.values())
+        keys = sorted({k for part in parts for k in part.keys})  # the same order on every rank
+        summed = {k for part in parts for k, s in zip(part.keys, part.summed_keys) if s}
+        where = {k: i for i, k in enumerate(keys)}
+        device = parts[0].num.device
+        num = torch.zeros(len(keys), device=device)
+        den = torch.zeros(len(keys), device=device)
+        for part in parts:  # a key may come in more than one set of keys (micro-batch metrics, grad_norm)
+            index = torch.tensor([where[k] for k in part.keys], device=device)
+            num.index_add_(0, index, part.num)
+            den.index_add_(0, index, part.den)
+        flat = torch.cat([num, den])
         dist.all_reduce(flat)
         values = flat.tolist()
         n = len(keys)
-        out = {}
-        for i, key in enumerate(keys):
-            if key in self.den:
-                if values[n + i] > 0:
-                    out[key] = values[i] / values[n + i]
-            else:
-                out[key] = values[i]
-        self.num.clear()
-        self.den.clear()
-        return out
+        self._sums.clear()
+        return {
+            k: values[i] if k in summed else values[i] / values[n + i]
+            for i, k in enumerate(keys)
+            if k in summed or values[n + i] > 0
+        }
+
+
+class _KeySums:
+    """Running Σ value·weight and Σ weight for one set of metric keys (see :class:`MetricWindow`)."""
+
+    def __init__(self, keys: tuple[str, ...], device: torch.device):
+        self.keys = keys
+        index = {k: i for i, k in enumerate(keys)}
+        count_of = [index.get(k[: -len("_mae")] + "_count", -1) if k.endswith("_mae") else -1 for k in keys]
+        self.summed_keys = [k.endswith("_count") or k.endswith("n_graphs") for k in keys]
+        self.weighted = torch.tensor([c >= 0 for c in count_of], device=device)
+        self.count_of = torch.tensor([c if c >= 0 else i for i, c in enumerate(count_of)], device=device)
+        self.unit = torch.tensor([0.0 if s else 1.0 for s in self.summed_keys], device=device)  # weight of the rest
+        self.num = torch.zeros(len(keys), device=device)
+        self.den = torch.zeros(len(keys), device=device)
+
+    def add(self, values: torch.Tensor) -> None:
+        count = values[self.count_of]  # (M,) the paired count of each X_mae
+        self.num += values * torch.where(self.weighted, count, 1.0)
+        self.den += torch.where(self.weighted, count, self.unit)
 
 
 class Preemption:
@@ -129,12 +146,16 @@ class TrainHooks:
     """Where a run built on this loop (fine-tuning) differs from pretraining; the defaults are pretraining.
 
     ``build_data`` gives the stream (batches' dataset ids index the model's heads), ``build_model``
-    the model, ``lr_scales`` a learning-rate multiplier per parameter name (layer-wise decay; absent
+    the model, ``build_val_loader`` this rank's validation batches (None: no validation),
+    ``lr_scales`` a learning-rate multiplier per parameter name (layer-wise decay; absent
     names get 1) and ``on_log`` sees every logged metric window on rank 0 (e.g. to report to Ray Tune).
     """
 
     def build_data(self, recipe: Recipe, rank: int, world_size: int) -> TrainData:
         return build_train_data(recipe.data, rank, world_size, recipe.train.seed)
+
+    def build_val_loader(self, recipe: Recipe, model: MultiTaskModel, rank: int, world_size: int):
+        return build_val_loader(recipe.data, model.dataset_names, rank, world_size)
 
     def build_model(self, recipe: Recipe, data: TrainData) -> MultiTaskModel:
         return build_model(recipe, data.datasets, data.index.stats())
@@ -214,7 +235,7 @@ def pretrain(
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        teardown()
+        teardown(ctx)
 
 
 def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None, hooks: TrainHooks) -> RunResult:
@@ -269,13 +290,17 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         print(f"[lampretrain] {recipe.name}: {ctx.world_size} rank(s) on {ctx.device}, engine {engine.name}, "
               f"{sum(p.numel() for p in model.parameters())} parameters, {where}", flush=True)
 
+    val_loader = hooks.build_val_loader(recipe, model, ctx.rank, ctx.world_size) if tr.eval_every else None
+    if tr.eval_every and val_loader is None and ctx.is_main:
+        print(f"[lampretrain] train.eval_every is set but {recipe.data.store} has no val frames for these datasets; "
+              "no validation", flush=True)
     preempt = Preemption(ctx.control)
     stop_at = min(tr.steps, max_steps or tr.steps)
     window = MetricWindow()
     stream = data.stream(epoch, position)
     bar = _progress(ctx, tr, step, stop_at)
     model.train()
-    last_ckpt, last_metrics, preempted = None, {}, False
+    last_ckpt, last_metrics, val_metrics, preempted = None, {}, {}, False
     t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
     while step < stop_at:
         engine.set_lr(o.lr * lr_factor(step, tr.steps, recipe.schedule, o.lr))
@@ -308,6 +333,12 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
                 hooks.on_log(step, last_metrics)
             t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
         preempted = preempt.agreed()
+        if val_loader is not None and not preempted and (step % tr.eval_every == 0 or step == stop_at):
+            t_val = time.perf_counter()
+            val_metrics = validate(engine, val_loader, model.dataset_names, ema, ctx.device)
+            tracker.log_metrics(val_metrics, step)
+            _report_val(ctx, bar, step, val_metrics)
+            t_window += time.perf_counter() - t_val  # throughput counts training only
         if preempted or step % recipe.checkpoint.every == 0 or step == stop_at:
             tensors, extras = _state(engine, ema, objective, ctx)
             meta = {
@@ -326,7 +357,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         bar.close()
     engine.close()
     tracker.finish("KILLED" if preempted else "FINISHED")
-    return RunResult(step, last_ckpt, run_dir, tracker.uri, tracker.run_id, preempted, last_metrics)
+    return RunResult(step, last_ckpt, run_dir, tracker.uri, tracker.run_id, preempted, last_metrics, val_metrics)
 
 
 def _resume_source(root: Path, resume: str | None, ctx: Context, verify_hashes: bool) -> Path | None:
@@ -388,3 +419,15 @@ def _log(window: MetricWindow, ctx: Context, tracker: Tracker, step: int, second
         if bar is not None and math.isfinite(metrics.get("loss", float("nan"))):
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", atoms_s=f"{metrics['atoms_per_s']:.0f}")
     return metrics
+
+
+def _report_val(ctx: Context, bar, step: int, metrics: dict[str, float]) -> None:
+    if not ctx.is_main:
+        return
+    units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å³"}
+    parts = [f"{q} {metrics[f'val/{q}_mae']:.4g} {u}" for q, u in units.items() if f"val/{q}_mae" in metrics]
+    line = f"[lampretrain] step {step} validation MAE: " + ", ".join(parts)
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)

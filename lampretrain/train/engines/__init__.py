@@ -16,7 +16,7 @@ that graph (double backward). Each adapter documents what makes that work.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -45,6 +45,19 @@ class Engine:
     def forward(self, batch: GraphBatch, compute_forces: bool = True, compute_stress: bool = True) -> dict[str, torch.Tensor]:
         with self._autocast():
             return self.wrapped(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[torch.nn.Module]:
+        """The bare module in eval mode under the engine's autocast, for forwards that never go backward
+        (validation): no gradient-sync wrapper sees them, so they leave the next training step's
+        gradient reduction alone."""
+        training = self.module.training
+        self.module.eval()
+        try:
+            with self._autocast():
+                yield self.module
+        finally:
+            self.module.train(training)
 
     def gradient_sync(self, sync: bool):
         """Context for one micro-batch's forward and backward; ``sync=False`` skips the gradient reduction."""

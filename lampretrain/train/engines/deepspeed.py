@@ -7,6 +7,20 @@ that also run for that inner gradient and fail (IndexError in
 pyproject's ``deepspeed`` extra. The inner gradient asks only for ∂E/∂x,
 so ZeRO's per-parameter reduce hooks fire once, in the loss backward.
 
+ZeRO-3 is refused (:data:`ZERO3_UNSUPPORTED` says why). Measured with
+deepspeed 0.17.6 on CPU/gloo, 2 ranks, a small MatRIS: after the forward
+(which includes the inner force gradient) 93 of 107 parameters are released
+to size 0, because ZeRO-3 re-partitions a module's parameters when a
+backward pass through it ends, and the inner ``autograd.grad`` is such a
+pass; the loss backward then walks the saved double-backward graph and fails
+(``shape '[1, 16]' is invalid for input of size 0`` in
+``NativeLayerNormBackwardBackward0``). DPA4 fails earlier, inside the inner
+gradient, since a module returning a dataclass hides its tensors from
+ZeRO-3's backward hooks. DeepSpeed's own reports of the release-during-
+backward problem: issues #3539 and #7352 (backward twice on one graph:
+"size mismatch 0 vs N"), with an unmerged fix, PR #8045 (keep parameters
+while a graph is retained).
+
 Checkpoints stay in torch.distributed.checkpoint: the full module state
 (replicated under ZeRO-1/2, written once) plus, per rank, the flat fp32
 master partition of each parameter group and its Adam moments. DeepSpeed's
@@ -23,6 +37,13 @@ import torch.distributed as dist
 
 from . import Engine, OptimizerFactory
 
+ZERO3_UNSUPPORTED = (
+    "deepspeed ZeRO-3 cannot train conservative forces: it releases each module's parameters when a backward "
+    "pass through the module ends, and the force F = -dE/dx is such a pass inside forward, so the loss backward "
+    "through its saved graph meets parameters of size 0 (DeepSpeed issues #3539/#7352). Use engine.name: fsdp "
+    "(FSDP2 shards parameters, gradients and optimizer state) or deepspeed zero_stage 1 or 2"
+)
+
 
 class DeepSpeedEngineAdapter(Engine):
     name = "deepspeed"
@@ -38,14 +59,10 @@ class DeepSpeedEngineAdapter(Engine):
         max_norm: float | None,
         extra: dict[str, Any],
     ):
+        if zero_stage == 3:
+            raise ValueError(ZERO3_UNSUPPORTED)
         import deepspeed
 
-        if zero_stage == 3:
-            raise ValueError(
-                "deepspeed ZeRO-3 cannot train conservative forces: it re-partitions parameters in module hooks that "
-                "the inner autograd.grad of the force computation bypasses; use engine.name: fsdp (FSDP2) for "
-                "fully sharded training"
-            )
         super().__init__(module.to(device), device, autocast)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         config = {

@@ -23,6 +23,7 @@ force-trained model of up to a few hundred million parameters affords.
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,17 @@ class FSDPEngine(Engine):
         self.wrapped = self.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[torch.nn.Module]:
+        """Parameters gathered once for the whole evaluation (ranks may run different numbers of batches,
+        so no forward may all-gather), sharded again after."""
+        self.module.unshard()
+        try:
+            with super().evaluation() as module:
+                yield module
+        finally:
+            self.module.reshard()
 
     def gradient_sync(self, sync: bool):
         self.module.set_requires_gradient_sync(sync)

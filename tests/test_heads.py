@@ -96,7 +96,7 @@ def test_mixed_batch_gives_each_graph_its_own_head_and_references(family, frames
 
 
 def test_references_are_float64_sums_per_dataset(frames):
-    model = make_model("matris", per_dataset=False)
+    model = make_model("matris", per_dataset=False, output_scale="none")
     feo = batch_of(frames[:1])
     e_pbeu = model(feo, compute_forces=False, compute_stress=False, dataset="mp_pbeu")["energy"][0]
     e_scan = model(feo, compute_forces=False, compute_stress=False, dataset="mp_r2scan")["energy"][0]
@@ -104,6 +104,16 @@ def test_references_are_float64_sums_per_dataset(frames):
     expected = torch.tensor(int(counts[8]) * -4.93 + int(counts[26]) * -8.31, dtype=F64)  # one shared head: the difference is the references alone
     torch.testing.assert_close(e_pbeu - e_scan, expected, rtol=0, atol=1e-9)
     assert model.references.table.dtype == F64 and not model.references.table.requires_grad
+    # per-dataset output scales (force RMS, clamped around the median): the shared head's learned part scales with them
+    scaled = make_model("matris", per_dataset=False)
+    learned = {
+        name: scaled(feo, compute_forces=False, compute_stress=False, dataset=name)["energy"][0]
+        - scaled.references(feo.numbers, torch.full_like(feo.numbers, scaled.dataset_index(name))).sum()
+        for name in ("mp_pbeu", "mp_r2scan")
+    }
+    s = torch.tensor([d.force_rms for d in DATASETS], dtype=F64)  # all within 10× of their median: unclamped
+    k_pbeu, k_scan = scaled.dataset_index("mp_pbeu"), scaled.dataset_index("mp_r2scan")
+    torch.testing.assert_close(learned["mp_pbeu"] / learned["mp_r2scan"], s[k_pbeu] / s[k_scan], rtol=1e-6, atol=0)
     trainable = make_model("matris", trainable_references=True)
     assert trainable.references.table.dtype == F64 and trainable.references.table.requires_grad
 

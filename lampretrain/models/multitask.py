@@ -31,6 +31,7 @@ from .heads import (
     EnergyHeads,
     EquivariantVectorHead,
     VectorCondition,
+    clamp_to_median,
     l1_cartesian,
     reference_table,
     sample_corruption,
@@ -39,6 +40,7 @@ from .layers.mlp import MLP
 from .layers.scatter import scatter_sum
 
 FORCE_MODES = ("conservative", "direct")
+OUTPUT_SCALES = ("force_rms", "none")
 
 
 def _check_keys(cls, data: Mapping[str, Any], where: str) -> None:
@@ -89,6 +91,7 @@ class DatasetSpec:
 class HeadsConfig:
     per_dataset: bool = True  # one energy head per dataset; False: one shared head (references stay per dataset)
     hidden: tuple[int, ...] = (128, 128)
+    output_scale: str = "force_rms"  # per-dataset head output × force RMS (see EnergyHeads), or "none"
     trainable_references: bool = False
     force_mode: str = "conservative"  # "direct": forces from a vector head (first pretraining stage)
     direct_force_head: bool = False  # build the direct-force head even when starting conservative
@@ -98,6 +101,8 @@ class HeadsConfig:
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
+        if self.output_scale not in OUTPUT_SCALES:
+            raise ValueError(f"heads.output_scale: '{self.output_scale}' not one of {', '.join(OUTPUT_SCALES)}")
         if self.force_mode not in FORCE_MODES:
             raise ValueError(f"heads.force_mode: '{self.force_mode}' not one of {', '.join(FORCE_MODES)}")
 
@@ -182,7 +187,9 @@ class MultiTaskModel(torch.nn.Module):
         for name in layout.own_readouts:
             getattr(self.backbone, name).requires_grad_(False)
         n = len(config.datasets)
-        self.energy_heads = EnergyHeads(layout.channels, heads.hidden, n, heads.per_dataset)
+        force_rms = torch.tensor([d.force_rms for d in config.datasets], dtype=torch.float64)
+        scales = clamp_to_median(force_rms, 10.0) if heads.output_scale == "force_rms" else torch.ones(n)
+        self.energy_heads = EnergyHeads(layout.channels, heads.hidden, scales, heads.per_dataset)
         self.references = ElementReferences(
             reference_table([d.element_references for d in config.datasets]), heads.trainable_references
         )

@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from ..models.heads.energy import clamp_to_median
+
 BALANCING = ("none", "static", "uncertainty")
-
-
-def clamp_to_median(scales: torch.Tensor, max_ratio: float) -> torch.Tensor:
-    """s_kt clamped to [s̄_t / R, s̄_t · R], s̄_t = exp(median_k log s_kt) per column t; scales (K, T) > 0."""
-    center = scales.log().quantile(0.5, dim=0).exp()  # (T,)
-    return torch.minimum(torch.maximum(scales, center / max_ratio), center * max_ratio)
 
 
 class LossBalancer(torch.nn.Module):

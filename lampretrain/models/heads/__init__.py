@@ -1,7 +1,7 @@
 """Heads on a shared backbone: per-dataset energies and references, vector heads, DeNS corruption."""
 
 from .denoising import Corruption, DenoisingConfig, sample_corruption
-from .energy import ElementReferences, EnergyHeads, StackedMLP, reference_table, select_head
+from .energy import ElementReferences, EnergyHeads, StackedMLP, clamp_to_median, reference_table, select_head
 from .vector import EdgeVectorHead, EquivariantVectorHead, VectorCondition, l1_cartesian
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "EquivariantVectorHead",
     "StackedMLP",
     "VectorCondition",
+    "clamp_to_median",
     "l1_cartesian",
     "reference_table",
     "sample_corruption",

@@ -75,16 +75,33 @@ class ElementReferences(torch.nn.Module):
         return self.table[atom_dataset, numbers]
 
 
-class EnergyHeads(torch.nn.Module):
-    """Per-atom energies (N,) from invariant features (N, C): head k(i) of K, or one shared head."""
+def clamp_to_median(scales: torch.Tensor, max_ratio: float) -> torch.Tensor:
+    """s_kt clamped to [s̄_t / R, s̄_t · R], s̄_t = exp(median_k log s_kt) per column t; scales (K, T) or (K,) > 0.
 
-    def __init__(self, channels: int, hidden: Sequence[int], n_datasets: int, per_dataset: bool = True):
+    Per-dataset statistics of a handful of frames or of relaxed structures (force RMS
+    ≈ 0.01 eV/Å) would otherwise set a scale 100–1000× away from every other dataset's.
+    """
+    center = scales.log().quantile(0.5, dim=0).exp()
+    return torch.minimum(torch.maximum(scales, center / max_ratio), center * max_ratio)
+
+
+class EnergyHeads(torch.nn.Module):
+    """Per-atom energies (N,) from invariant features (N, C): s_k(i) · head_k(i)(h_i), head k of K or one shared.
+
+    s_k is dataset k's force RMS (clamped within 10× of the median over datasets), as MACE
+    scales its readout: an O(1) head output then gives forces of the dataset's own size
+    (4.7 eV/Å for the CHO molecules, 0.9 for the mlearn crystals) at initialisation.
+    """
+
+    def __init__(self, channels: int, hidden: Sequence[int], scales: torch.Tensor, per_dataset: bool = True):
         super().__init__()
         self.per_dataset = per_dataset
-        self.mlp = StackedMLP(channels, hidden, 1, n_datasets if per_dataset else 1)
+        self.mlp = StackedMLP(channels, hidden, 1, scales.numel() if per_dataset else 1)
+        self.register_buffer("scale", scales.to(torch.float32))  # (K,)
 
     def forward(self, features: torch.Tensor, atom_dataset: torch.Tensor) -> torch.Tensor:
         out = self.mlp(features).squeeze(-1)  # (N, K)
+        scale = self.scale.to(out.dtype).index_select(0, atom_dataset)  # (N,)
         if not self.per_dataset:
-            return out[:, 0]
-        return select_head(out, atom_dataset)
+            return out[:, 0] * scale
+        return select_head(out, atom_dataset) * scale

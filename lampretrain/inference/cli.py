@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..frames import Frame
@@ -21,8 +22,9 @@ def add_parser(subparsers) -> None:
         description="Evaluate CHECKPOINT (a trainer checkpoint directory, a run directory, or a saved model file) "
         "on SOURCES: prepared stores (the --split rows) or structure files any lampretrain reader takes. "
         "Prints a per-dataset table (energy meV/atom, forces meV/Å, stress GPa) with the mean baseline "
-        "(mean per-atom energy after element references; zero forces and stress) and writes metrics.csv, "
-        "parity_<dataset>.png and errors_<dataset>.png to --out.",
+        "(training statistics: element references + mean per-atom residual from stats.json of --baseline-store, "
+        "else the checkpoint's training store, else the evaluated stores, else the model's references; zero forces "
+        "and stress) and writes metrics.csv, metrics.txt, parity_<dataset>.png and errors_<dataset>.png to --out.",
     )
     p.add_argument("checkpoint", help="checkpoint directory, run directory or MultiTaskModel.save file")
     p.add_argument("sources", nargs="+", help="store directories and/or structure files")
@@ -34,7 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float64", help="(default: %(default)s)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: %(default)s)")
-    p.add_argument("--mlflow-run", metavar="ID", help="log metrics and files as artifacts to this MLflow run")
+    p.add_argument("--baseline-store", metavar="DIR", help="store whose stats.json (training statistics) gives the "
+                   "energy baseline (default: the checkpoint's training store when it still exists)")
+    p.add_argument("--mlflow-run", metavar="ID", help="log metrics, the table and the files as artifacts to this MLflow run")
     p.add_argument("--mlflow-uri", help="tracking URI (default: the run's sqlite store next to the checkpoint, "
                    "else MLFLOW_TRACKING_URI)")
 
@@ -43,32 +47,78 @@ def add_parser(subparsers) -> None:
         help="export one dataset head's energy/forces/stress function with torch.export",
         description="Trace CHECKPOINT's energy, forces (−∂E/∂x) and stress ((1/V)∂E/∂ε) for one dataset head into a "
         "torch.export program (.pt2) loadable with torch.export.load, no lampretrain model code needed. "
-        "Inputs are the graph tensors of lampretrain.inference.export.INPUTS; the program is traced on (and keeps "
-        "the sizes of) the first structure of --structure.",
+        "Inputs are the graph tensors of lampretrain.inference.export.INPUTS for any number of atoms, edges and "
+        "graphs (periodic or not); the cutoffs to build them with are saved in the file's lampretrain.json.",
     )
     p.add_argument("checkpoint", help="checkpoint directory, run directory or MultiTaskModel.save file")
     p.add_argument("output", help="the .pt2 file to write")
     p.add_argument("--dataset", required=True, help="dataset head to export")
-    p.add_argument("--structure", required=True, help="structure file whose first frame fixes the traced sizes")
+    p.add_argument("--structure", help="structure file whose first frame (periodic, ≥ 2 atoms) is traced "
+                   "(default: rattled rock-salt NaCl); the program is not limited to its size")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(default: %(default)s)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: %(default)s)")
 
 
-def read_sources(sources: list[str], split: str, max_frames: int | None) -> Iterator[Frame]:
-    """Frames of store directories (their ``split`` rows) and structure files, in order."""
+def read_sources(
+    sources: list[str], split: str, max_frames: int | None, heads: list[str] | None = None
+) -> Iterator[Frame]:
+    """Frames of store directories (their ``split`` rows) and structure files, in order.
+
+    With ``heads``, a store's rows of other datasets are left out (and named on stdout):
+    a model trained on some of a store's datasets is evaluated on those.
+    """
     from ..graph.datasets import LmdbFrameDataset
     from ..io import read_frames
     from ..store.index import StoreIndex
 
     for source in sources:
         path = Path(source)
-        if (path / "manifest.json").exists():
-            frames = LmdbFrameDataset.from_index(StoreIndex.open(path), split)
-            yield from (frames[i] for i in range(len(frames) if max_frames is None else min(max_frames, len(frames))))
+        if _is_store(path):
+            index = StoreIndex.open(path)
+            frames = LmdbFrameDataset.from_index(index, split)
+            rows = index.rows(split)
+            names = np.asarray(index.datasets)[index.dataset[rows]]
+            keep = np.isin(names, heads) if heads is not None else np.ones(len(rows), dtype=bool)
+            if not keep.all():
+                left = ", ".join(f"{n} ({c})" for n, c in zip(*np.unique(names[~keep], return_counts=True)))
+                print(f"{source}: no head for {left} {split} frames; not evaluated")
+            wanted = np.nonzero(keep)[0][:max_frames]
+            yield from (frames[int(i)] for i in wanted)
         elif path.exists():
             yield from itertools.islice(read_frames(path), max_frames)
         else:
             raise FileNotFoundError(f"{source}: neither a store (manifest.json) nor a structure file")
+
+
+def _is_store(path: Path) -> bool:
+    return (path / "manifest.json").exists()
+
+
+def energy_baselines(checkpoint: Path, baseline_store: str | None, sources: list[str]) -> dict:
+    """Energy baseline per dataset name from training statistics (``stats.json``); the first store naming a dataset wins.
+
+    Stores in order: ``baseline_store``, the checkpoint's training store, the evaluated stores.
+    """
+    from ..store.index import StoreIndex
+    from ..train import checkpoint as ckpt
+    from .evaluate import EnergyBaseline
+
+    stores: list[Path] = []
+    if baseline_store:
+        if not _is_store(Path(baseline_store)):
+            raise FileNotFoundError(f"--baseline-store {baseline_store}: not a store (no manifest.json)")
+        stores.append(Path(baseline_store))
+    if checkpoint.is_dir():
+        trained_on = ckpt.read_meta(checkpoint)["recipe"]["data"].get("store")
+        if trained_on and _is_store(Path(trained_on)):
+            stores.append(Path(trained_on))
+    stores += [Path(s) for s in sources if _is_store(Path(s))]
+    baselines: dict = {}
+    for store in stores:
+        for name, stats in StoreIndex.open(store).stats().items():
+            if name not in baselines and "element_references" in stats:
+                baselines[name] = EnergyBaseline.from_stats(stats, f"{store}/stats.json [{name}]")
+    return baselines
 
 
 def _mlflow_uri(checkpoint: Path, given: str | None) -> str | None:
@@ -80,15 +130,17 @@ def _mlflow_uri(checkpoint: Path, given: str | None) -> str | None:
     return None
 
 
-def _log_mlflow(run_id: str, uri: str | None, rows: list[dict], files: list[Path]) -> None:
-    import mlflow
+def log_mlflow(run_id: str, uri: str | None, rows: list[dict], files: list[Path]) -> None:
+    """Metrics ``eval/<dataset>/<quantity>_<mae|rmse|baseline_mae|baseline_rmse>``, the table as an MLflow
+    table (``evaluation/metrics.json``) and every file under ``evaluation/``."""
+    from mlflow import MlflowClient
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    client = MlflowClient(uri)
+    client.get_run(run_id)  # an unknown run fails here, naming the id, before anything is logged
     for r in rows:
         for key in ("mae", "rmse", "baseline_mae", "baseline_rmse"):
             client.log_metric(run_id, f"eval/{r['dataset']}/{r['quantity']}_{key}", float(r[key]))
+    client.log_table(run_id, {key: [r[key] for r in rows] for key in rows[0]}, "evaluation/metrics.json")
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="evaluation")
 
@@ -100,35 +152,56 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, args.weights)
-    frames = read_sources(args.sources, args.split, args.max_frames)
-    predictions = predict(model, frames, args.dataset, args.batch_size, args.device, DTYPES[args.dtype])
+    baselines = energy_baselines(checkpoint, args.baseline_store, args.sources)
+    heads = None if args.dataset else model.dataset_names
+    frames = read_sources(args.sources, args.split, args.max_frames, heads)
+    predictions = predict(model, frames, args.dataset, args.batch_size, args.device, DTYPES[args.dtype], baselines)
     if not predictions:
         print(f"error: no frames in {', '.join(args.sources)} (split {args.split})")
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = metrics_table(predictions)
+    table = format_table(rows)
     print(f"checkpoint {checkpoint}")
-    print(format_table(rows))
+    print(table)
     write_csv(rows, out / "metrics.csv")
-    files = [out / "metrics.csv", *write_plots(predictions, out)]
+    (out / "metrics.txt").write_text(f"checkpoint {checkpoint}\n{table}\n")
+    files = [out / "metrics.csv", out / "metrics.txt", *write_plots(predictions, out)]
     print(f"wrote {', '.join(str(f) for f in files)}")
     if args.mlflow_run:
-        _log_mlflow(args.mlflow_run, _mlflow_uri(checkpoint, args.mlflow_uri), rows, files)
+        log_mlflow(args.mlflow_run, _mlflow_uri(checkpoint, args.mlflow_uri), rows, files)
         print(f"logged to MLflow run {args.mlflow_run}")
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _tracing_frame(structure: str | None) -> Frame:
+    from ase.build import bulk
+
     from ..io import read_frames
-    from .export import example_inputs, export_model, save_exported
+    from .calculator import atoms_to_frame
+
+    if structure:
+        return next(iter(read_frames(structure)))
+    atoms = bulk("NaCl", "rocksalt", a=5.64)
+    atoms.rattle(0.05, seed=0)
+    return atoms_to_frame(atoms)
+
+
+def _export(args: argparse.Namespace) -> int:
+    import time
+
+    from .export import export_metadata, export_model, save_exported, tracing_example
     from .loading import load_model
 
     model = load_model(args.checkpoint, args.weights)
-    frame = next(iter(read_frames(args.structure)))
-    program = export_model(model, args.dataset, example_inputs(frame, model, DTYPES[args.dtype]))
-    save_exported(program, args.output)
-    print(f"wrote {args.output} (dataset head '{args.dataset}', {args.dtype})")
+    model.dataset_index(args.dataset)  # an unknown head fails before the slow trace
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    program = export_model(model, args.dataset, tracing_example(_tracing_frame(args.structure), model, dtype))
+    save_exported(program, args.output, export_metadata(model, args.dataset, dtype))
+    print(f"wrote {args.output} (dataset head '{args.dataset}', {args.dtype}, any number of atoms/edges/graphs; "
+          f"exported in {time.perf_counter() - start:.1f} s)")
     return 0
 
 

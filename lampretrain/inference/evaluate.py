@@ -2,9 +2,13 @@
 
 Units: energy per atom in meV/atom, force components in meV/Å, stress
 components in GPa. The mean baseline is what a model that learned nothing
-beyond the element references would score:
+beyond the training set's statistics would score; it never looks at the
+evaluated labels, so a one-frame validation set gets a meaningful baseline:
 
-    energy: r_g = (E_g − Σ_i ref_k(Z_i)) / n_g,  predict mean_g(r_g) for every frame
+    energy: predict (Σ_i ref(Z_i)) / n_g + r̄ per atom, with the element references
+            ref and the mean per-atom residual r̄ of the frame's dataset in the
+            store's ``stats.json`` (training frames); without a store, the
+            model's own references (fitted to the same statistics) and r̄ = 0
     forces: predict 0  (MAE = mean |F_component|)
     stress: predict 0
 
@@ -32,6 +36,26 @@ QUANTITIES = {"energy": "meV/atom", "forces": "meV/Å", "stress": "GPa"}
 SCALE = {"energy": 1000.0, "forces": 1000.0, "stress": EV_PER_A3_TO_GPA}
 
 
+@dataclass(frozen=True)
+class EnergyBaseline:
+    """E_base/n = Σ_i ref(Z_i)/n + r̄: the training statistics' energy per atom for a composition."""
+
+    references: dict[int, float]  # eV per atom of Z; elements absent from training count 0
+    residual_mean: float = 0.0  # mean per-atom residual of the training frames, eV/atom
+    source: str = "model references"
+
+    @classmethod
+    def from_stats(cls, stats: dict, where: str) -> "EnergyBaseline":
+        """From one dataset's entry of a store's ``stats.json``."""
+        if "element_references" not in stats:
+            raise ValueError(f"{where}: no element_references (its training frames have no energies)")
+        refs = {int(z): float(v) for z, v in stats["element_references"].items()}
+        return cls(refs, float(stats.get("residual_per_atom_mean", 0.0)), where)
+
+    def per_atom(self, numbers: np.ndarray) -> float:
+        return sum(self.references.get(int(z), 0.0) for z in numbers) / len(numbers) + self.residual_mean
+
+
 @dataclass
 class Predictions:
     """True and predicted values of one dataset, flattened per quantity (eV/atom, eV/Å, eV/Å³)."""
@@ -39,7 +63,8 @@ class Predictions:
     dataset: str
     true: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
     pred: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
-    residual: list[float] = field(default_factory=list)  # (E − Σ refs)/n per frame, for the mean baseline
+    baseline: list[float] = field(default_factory=list)  # mean-baseline energy per atom of each labelled frame
+    baseline_sources: set[str] = field(default_factory=set)
     n_frames: int = 0
 
     def arrays(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
@@ -60,12 +85,18 @@ def predict(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
+    baselines: dict[str, EnergyBaseline] | None = None,
 ) -> dict[str, Predictions]:
-    """Run ``model`` on labelled frames, grouped by head (``dataset`` or each frame's own)."""
+    """Run ``model`` on labelled frames, grouped by head (``dataset`` or each frame's own).
+
+    ``baselines``: the energy baseline of each frame's own dataset (from its store's
+    statistics); a frame without one uses its head's references in the model.
+    """
     model = model.to(device=device, dtype=dtype).eval()
     names = list(model.dataset_names)
     cutoff, three_body = graph_cutoffs(model)
     table = model.references.table.detach().cpu().double().numpy()  # (K, Zmax+1)
+    baselines = baselines or {}
     groups: dict[str, list[Frame]] = defaultdict(list)
     for frame in frames:
         head = dataset or frame.dataset
@@ -78,24 +109,29 @@ def predict(
     out: dict[str, Predictions] = {}
     for head, items in groups.items():
         preds = out[head] = Predictions(head)
-        k = names.index(head)
+        row = table[names.index(head)]
+        fallback = EnergyBaseline({z: float(row[z]) for z in np.nonzero(row)[0]}, 0.0, f"model references of '{head}'")
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             batch = collate(chunk, cutoff=cutoff, three_body_cutoff=three_body, dtype=dtype).to(device)
             periodic = any(f.cell is not None for f in chunk)
             result = model(batch, compute_forces=True, compute_stress=periodic, dataset=head)
-            _collect(preds, chunk, {key: v.detach().cpu().double().numpy() for key, v in result.items()}, table[k])
+            chosen = [baselines.get(f.dataset, fallback) for f in chunk]
+            _collect(preds, chunk, {key: v.detach().cpu().double().numpy() for key, v in result.items()}, chosen)
     return out
 
 
-def _collect(preds: Predictions, frames: Sequence[Frame], result: dict[str, np.ndarray], refs: np.ndarray) -> None:
+def _collect(
+    preds: Predictions, frames: Sequence[Frame], result: dict[str, np.ndarray], baselines: Sequence[EnergyBaseline]
+) -> None:
     offset = 0
-    for g, frame in enumerate(frames):
+    for g, (frame, baseline) in enumerate(zip(frames, baselines)):
         n = frame.natoms
         if frame.energy is not None:
             preds.true["energy"].append(np.array([frame.energy / n]))
             preds.pred["energy"].append(result["energy"][g : g + 1] / n)
-            preds.residual.append((frame.energy - refs[frame.numbers].sum()) / n)
+            preds.baseline.append(baseline.per_atom(frame.numbers))
+            preds.baseline_sources.add(baseline.source)
         if frame.forces is not None:
             preds.true["forces"].append(np.asarray(frame.forces).ravel())
             preds.pred["forces"].append(result["forces"][offset : offset + n].ravel())
@@ -117,13 +153,13 @@ def metrics_table(predictions: dict[str, Predictions]) -> list[dict[str, object]
             s = SCALE[quantity]
             model_mae, model_rmse = mae_rmse((pred - true) * s)
             if quantity == "energy":
-                residual = np.asarray(p.residual)
-                base_mae, base_rmse = mae_rmse((residual - residual.mean()) * s)
+                base_mae, base_rmse = mae_rmse((np.asarray(p.baseline) - true) * s)
             else:
                 base_mae, base_rmse = mae_rmse(true * s)
             rows.append({
                 "dataset": name, "quantity": quantity, "unit": unit, "frames": p.n_frames, "values": int(true.size),
                 "mae": model_mae, "rmse": model_rmse, "baseline_mae": base_mae, "baseline_rmse": base_rmse,
+                "baseline": "; ".join(sorted(p.baseline_sources)) if quantity == "energy" else "zero",
             })
     return rows
 
@@ -136,6 +172,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
             f"{r['dataset']:<16} {r['quantity']:<8} {r['unit']:<9} {r['frames']:>6} {r['mae']:>10.3f} "
             f"{r['rmse']:>10.3f} {r['baseline_mae']:>10.3f} {r['baseline_rmse']:>10.3f}"
         )
+    lines += [f"energy baseline of {r['dataset']}: {r['baseline']}" for r in rows if r["quantity"] == "energy"]
     return "\n".join(lines)
 
 

@@ -32,8 +32,8 @@ def parity_plot(p: Predictions, path: Path) -> Path:
         lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
         pad = 0.05 * (hi - lo or 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=1)
-        ax.scatter(true, pred, s=6, alpha=0.5, edgecolors="none")
-        ax.set_title(f"{LABELS[q]}: MAE {mae:.3g} {QUANTITIES[q]}", fontsize=10)
+        ax.scatter(true, pred, s=12 if true.size < 1000 else 4, alpha=0.6, edgecolors="none")
+        ax.set_title(f"{LABELS[q]} ({true.size} values)\nMAE {mae:.3g} {QUANTITIES[q]}", fontsize=10)
         ax.set_xlabel(f"reference ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
         ax.set_xlim(lo - pad, hi + pad)
@@ -47,18 +47,25 @@ def parity_plot(p: Predictions, path: Path) -> Path:
 
 
 def error_histogram(p: Predictions, path: Path) -> Path:
-    """One panel per quantity: histogram of predicted − reference (log counts) in reporting units."""
+    """One panel per quantity: histogram of predicted − reference in reporting units.
+
+    Counts go on a log axis only when they span more than two decades; the zero line is
+    drawn only when zero lies among the errors (a biased model keeps a readable x range).
+    """
     quantities = _present(p)
-    fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 3.8), squeeze=False)
     for ax, q in zip(axes[0], quantities):
         true, pred = p.arrays(q)
         error = (pred - true) * SCALE[q]
-        ax.hist(error, bins=50, color="tab:blue", alpha=0.8)
-        ax.axvline(0.0, color="0.3", lw=1)
-        ax.set_yscale("log")
+        counts, _, _ = ax.hist(error, bins=int(np.clip(np.sqrt(error.size), 10, 60)), color="tab:blue", alpha=0.8)
+        if error.min() <= 0.0 <= error.max():
+            ax.axvline(0.0, color="0.3", lw=1)
+        if counts.max() > 100 * max(counts[counts > 0].min(), 1):
+            ax.set_yscale("log")
         ax.set_xlabel(f"{LABELS[q]} error ({QUANTITIES[q]})")
         ax.set_ylabel("count")
-        ax.set_title(f"RMSE {np.sqrt(np.mean(error**2)):.3g}", fontsize=10)
+        mae, rmse = mae_rmse(error)
+        ax.set_title(f"MAE {mae:.3g}, RMSE {rmse:.3g}, mean {error.mean():+.3g}", fontsize=10)
     fig.suptitle(f"{p.dataset}: prediction errors")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,4 +1,4 @@
-"""``lampretrain finetune``: wired into the main command line by ``lampretrain.cli``."""
+"""``lampretrain finetune`` and ``lampretrain sweep``: wired into the main command line by ``lampretrain.cli``."""
 
 from __future__ import annotations
 
@@ -22,16 +22,49 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", help="'auto' (newest valid checkpoint of this fine-tuning run) or a checkpoint directory")
     p.add_argument("--max-steps", type=int, help="stop at this step (the schedule still follows train.steps)")
 
+    p = subparsers.add_parser(
+        "sweep",
+        help="many fine-tuning trials on Ray Tune (grid/random search, ASHA), MLflow child runs, best model exported",
+        description="Run the trials of SWEEP (recipes/sweep-*.yaml): each is `lampretrain finetune` of the sweep's "
+        "base recipe with the trial's values, in its own Ray worker, reporting its validation MAE every log window "
+        "(ASHA stops poor ones early). A local Ray (dashboard off, 127.0.0.1) is started unless --address joins a "
+        "cluster. Failed trials are listed with their error; finished trials are recorded in OUTPUT/trials and a "
+        "re-run replays them instead of training again. Writes OUTPUT/summary.csv and OUTPUT/best.",
+    )
+    p.add_argument("sweep", help="sweep YAML")
+    p.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a local one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the sweep file, e.g. num_samples=8 or resources.cpus_per_trial=2")
+    p.add_argument("--quiet", action="store_true", help="no Ray Tune progress table")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "sweep":
+        return _sweep(args)
     from . import finetune, load_finetune
+    from .property import PropertyReport
 
     recipe = load_finetune(args.recipe, args.checkpoint, args.set)
     result = finetune(recipe, resume=args.resume, max_steps=args.max_steps)
-    if result.exported is not None:
+    if isinstance(result.report, PropertyReport):
+        r, split = result.report, recipe.finetune.eval_split
+        print(f"[lampretrain] {recipe.name}: property head {r.columns} on {r.train_frames} structures; "
+              f"{split} MAE {r.step0_mae:.4g} (training mean) → {r.final.get(f'{split}_mae', float('nan')):.4g}")
+        print(f"  exported:  {result.exported}")
+    elif result.exported is not None:
         r = result.report
         print(f"[lampretrain] {recipe.name}: head '{r.head}', step-0 energy MAE {r.step0_mae_pretrained:.4f} → "
               f"{r.step0_mae:.4f} eV/atom after change-bias; {r.trainable} trainable parameters")
         print(f"  finished at step {result.run.step}; checkpoint {result.run.checkpoint}")
         print(f"  exported:  {result.exported}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    spec = load_sweep(args.sweep, args.set)
+    result = run_sweep(spec, address=args.address, verbose=0 if args.quiet else 1)
+    print(f"  summary:    {result.summary}  ({len(result.rows)} trials, {result.wall_s:.0f} s)")
+    print(f"  MLflow run: {result.parent_run_id} in {result.mlflow_uri}")
+    return 0 if result.best is not None else 1

@@ -13,6 +13,7 @@ Example (``recipes/finetune-*.yaml`` hold complete ones)::
       freeze_blocks: 1
       lr_decay: 0.8                 # layer-wise: lr · decay^depth, depth 0 at the heads
       replay: {store: outputs/demo/store, ratio: 0.3}
+    property: {csv: props.csv, columns: [band_gap]}   # optional: a property head instead of energies
     optim: {lr: 5.0e-4}
     train: {steps: 200}
 
@@ -70,6 +71,7 @@ class FinetuneSection:
     freeze_blocks: int = 0  # freeze: blocks — the embeddings and this many first interaction blocks
     lr_decay: float = 1.0  # layer-wise learning-rate decay per depth (1: off)
     use_ema: bool = True  # start from the checkpoint's EMA weights when it has them
+    eval_split: Literal["train", "val", "test"] | None = "val"  # evaluated at every log (val_mae, what sweeps rank)
     replay: ReplaySection = field(default_factory=ReplaySection)
     lora: LoraSection = field(default_factory=LoraSection)
 
@@ -81,8 +83,35 @@ class FinetuneSection:
 
 
 @dataclass
+class PropertySection:
+    """A downstream per-structure target from a CSV keyed by structure id, on the pooled backbone features.
+
+    With ``csv`` set the run trains this head (``finetune.property``) instead of energies and forces;
+    ``head``, ``init_from``, ``refit_references``, ``replay`` and ``objective`` do not apply.
+    """
+
+    csv: str | None = None  # None: no property head
+    key: Literal["hash", "source"] = "hash"  # the id column holds the store's content hash or the frame's source
+    id_column: str = "id"
+    columns: list[str] = field(default_factory=list)  # target column(s); several make a vector target
+    pooling: Literal["mean", "sum"] = "mean"  # over the atoms of a structure
+    hidden: list[int] = field(default_factory=lambda: [64])
+    loss: Literal["mae", "mse"] = "mae"  # on the targets standardised by their training mean and std
+    graphs: int = 16  # structures per batch
+
+    def check(self) -> None:
+        if self.csv and not self.columns:
+            raise ConfigError("columns: name the CSV's target column(s)")
+        if self.id_column in self.columns:
+            raise ConfigError(f"columns: '{self.id_column}' is the id column")
+        if self.graphs < 1:
+            raise ConfigError(f"graphs: must be >= 1, got {self.graphs}")
+
+
+@dataclass
 class FinetuneRecipe(Recipe):
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    property: PropertySection = field(default_factory=PropertySection)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

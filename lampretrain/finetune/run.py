@@ -28,6 +28,7 @@ from ..train.trainer import RunResult, TrainHooks, pretrain
 from .bias import change_bias, energy_errors, store_batches
 from .lora import add_lora, fold_lora
 from .model import freeze, load_pretrained, lr_scales, with_new_head
+from .property import PropertyReport, export_property, train_property, write_summary
 from .recipe import FinetuneRecipe
 
 
@@ -98,6 +99,7 @@ class FinetuneHooks(TrainHooks):
             add_lora(model.backbone, ft.lora.rank, ft.lora.alpha)
         frozen = freeze(model, ft.freeze, ft.freeze_blocks)
         self.model = model
+        self.eval_split = ft.eval_split if ft.eval_split and self._has_rows(index, ft.eval_split) else None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.report = FinetuneReport(self.head, delta, before, after, len(frozen), trainable)
 
@@ -126,16 +128,38 @@ class FinetuneHooks(TrainHooks):
     def lr_scales(self, model: MultiTaskModel) -> dict[str, float]:
         return lr_scales(model, self.recipe.finetune.lr_decay)
 
+    def _has_rows(self, index: StoreIndex, split: str) -> bool:
+        rows = index.rows(split)
+        keep = index.dataset[rows] == index.datasets.index(self.data_name)
+        if self.recipe.data.max_natoms is not None:
+            keep &= index.natoms[rows] <= self.recipe.data.max_natoms
+        return bool(keep.any())
+
+    def evaluate(self) -> dict[str, float]:
+        """Energy MAE per atom (eV/atom) of the fine-tuned head on ``finetune.eval_split``: ``<split>_mae``."""
+        if self.eval_split is None:
+            return {}
+        data = self.recipe.data
+        batches = store_batches(data.store, {self.data_name: 0}, self.eval_split, data.max_natoms)
+        mae = energy_errors(self.model, (self.model.for_dataset(b, self.head) for b in batches)).mae_per_atom
+        return {f"{self.eval_split}_mae": mae}
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        extra = self.evaluate()
+        if extra and self.recipe.tracking.enabled:
+            import mlflow
+
+            if mlflow.active_run() is not None:  # the trainer's run (rank 0)
+                mlflow.log_metrics(extra, step=step)
         if self._on_log is not None:
-            self._on_log(step, metrics)
+            self._on_log(step, {**metrics, **extra})
 
 
 @dataclass
 class FinetuneResult:
     run: RunResult
-    report: FinetuneReport
-    exported: Path | None  # <output>/model.pt (rank 0)
+    report: FinetuneReport | PropertyReport
+    exported: Path | None  # <output>/model.pt, or <output>/property.pt for a property head (rank 0)
 
 
 def export(model: MultiTaskModel, path: Path) -> Path:
@@ -150,6 +174,12 @@ def finetune(
     recipe: FinetuneRecipe, resume: str | None = None, max_steps: int | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
+    """Fine-tune energies/forces on the pretraining loop, or a property head when ``property.csv`` is set.
+
+    ``on_log(step, metrics)`` sees every logged window with the ``<eval_split>_mae`` evaluation (rank 0).
+    """
+    if recipe.property.csv:
+        return _finetune_property(recipe, resume, max_steps, on_log)
     hooks = FinetuneHooks(recipe, on_log)
     run = pretrain(recipe, resume=resume, max_steps=max_steps, hooks=hooks)
     exported = None
@@ -162,3 +192,15 @@ def finetune(
             "step": run.step, "checkpoint": str(run.checkpoint), "last_metrics": run.last_metrics,
         }, indent=1))
     return FinetuneResult(run, hooks.report, exported)
+
+
+def _finetune_property(recipe: FinetuneRecipe, resume: str | None, max_steps: int | None, on_log) -> FinetuneResult:
+    if resume is not None:
+        raise ValueError("property heads train in one short run without checkpoints: drop --resume")
+    model, report, tracker, step = train_property(recipe, max_steps, on_log)
+    out = Path(recipe.output)
+    exported = export_property(model, out / "property.pt")
+    write_summary(out, report, step)
+    tracker.finish()
+    run = RunResult(step, None, out, tracker.uri, tracker.run_id, False, report.final)
+    return FinetuneResult(run, report, exported)

@@ -147,7 +147,9 @@ def parse_finetune(
     if not source:
         raise ConfigError(f"{where}: no checkpoint to fine-tune: pass --from CHECKPOINT or set finetune.checkpoint")
     base = {k: v for k, v in checkpoint_recipe(source).items() if k not in FRESH}
-    base.setdefault("train", {}).pop("steps", None)
+    train = base.setdefault("train", {})
+    for key in ("steps", "eval_every"):  # the pretraining run's length and its validation cadence on its store
+        train.pop(key, None)
     return from_dict(FinetuneRecipe, _merge(base, data), where)
 
 

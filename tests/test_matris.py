@@ -301,7 +301,7 @@ def test_node_features_and_float32():
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
-def test_benchmark_prints_one_json_line(tmp_path, capsys, mode):
+def test_benchmark_prints_our_line_and_the_peers(tmp_path, capsys, mode):
     from ase.io import write
 
     from lampretrain.bench import model_step as bench
@@ -310,11 +310,16 @@ def test_benchmark_prints_one_json_line(tmp_path, capsys, mode):
     sets = [f"--set={k}={list(v) if isinstance(v, tuple) else v}" for k, v in SMALL.items()]
     argv = ["--model", "matris-10m", "--structures", str(structures), "--mode", mode, "--repeat", "1", "--warmup", "0"]
     result = bench.run(argv + sets + ["--json-out", str(tmp_path / "out.json")])
-    line = capsys.readouterr().out.strip()
-    assert json.loads(line) == result == json.loads((tmp_path / "out.json").read_text())
+    ours, peer = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert ours == result
+    assert [ours, peer] == [json.loads(line) for line in (tmp_path / "out.json").read_text().splitlines()]
+    # the official peer only takes periodic cells (installed) or is not there: reported as skipped, never timed
+    assert peer == {"bench": "model", "peer": "matris-official", "skipped": peer["skipped"], "model": "matris-10m",
+                    "mode": mode}
+    assert "needs a periodic cell" in peer["skipped"] or peer["skipped"].startswith("not installed")
     assert list(result) == [
-        "bench", "impl", "model", "params", "n_structures", "atoms", "edges", "angles", "mode", "device",
-        "median_s_per_step", "atoms_per_s", "peak_rss_mb",
+        "bench", "impl", "model", "n_structures", "atoms", "edges", "angles", "mode", "device", "dtype", "compile",
+        "threads", "params", "median_s_per_step", "atoms_per_s", "peak_rss_mb",
     ]
     batch = collate([oxide_frame(10), molecule_frame("C4H3O1")])
     assert (result["n_structures"], result["atoms"], result["edges"], result["angles"]) == (

@@ -16,7 +16,8 @@ Works for any registered model that follows the backbone contract
 
 Peers run side by side in the same process on the same frames (``--peers auto``, the default),
 timed in alternation with ours so that a load change on a shared machine hits both: the official
-MatRIS code for ``matris-*`` (``impl: matris-official``, with ``ratio`` = our atoms/s over its),
+MatRIS code for ``matris-*`` (``impl: matris-official``, with ``ratio`` = our atoms/s over its;
+reported as skipped when a structure is not periodic, which its graph converter cannot take),
 deepmd-kit's DPA4 for ``dpa4-*`` (reported as skipped with the reason while it cannot run here).
 
 GPU path (``--device cuda``): timing is synchronised around every step after ``--warmup`` steps
@@ -264,11 +265,12 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
     if args.peers == "none":
         return {}, None
     if args.model.startswith("matris"):
-        module, reason = peers.load("matris")
-        if module is None:
-            return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
-        from lampretrain.bench.peer_matris import build_official, make_official_step
+        from lampretrain.bench.peer_matris import build_official, make_official_step, unsupported
 
+        _, reason = peers.load("matris")
+        reason = reason or unsupported(frames)
+        if reason is not None:
+            return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
         official = build_official(model.config, args.device, dtype)
         return {peers.PEERS["matris"].name: (official, make_official_step(official, frames, args.mode, args.device))}, None
     if args.model.startswith("dpa4"):

@@ -52,15 +52,25 @@ def build_official(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype)
 
 
+def unsupported(frames: list[Frame]) -> str | None:
+    """Why the official graph converter cannot take ``frames`` (it takes pymatgen Structures: periodic cells only),
+    or None when it can."""
+    for frame in frames:
+        if frame.cell is None or not all(frame.pbc):
+            return f"{frame.source}: the official MatRIS graph converter needs a periodic cell"
+    return None
+
+
 def official_graphs(model: torch.nn.Module, frames: list[Frame], device: str) -> list:
-    """The official RadiusGraphs of ``frames`` (periodic structures only: its converter takes pymatgen Structures)."""
+    """The official RadiusGraphs of ``frames`` (see :func:`unsupported`)."""
     from pymatgen.io.ase import AseAtomsAdaptor
 
+    reason = unsupported(frames)
+    if reason is not None:
+        raise ValueError(reason)
     graphs = []
     with contextlib.redirect_stdout(sys.stderr):
         for frame in frames:
-            if frame.cell is None or not all(frame.pbc):
-                raise ValueError(f"{frame.source}: the official MatRIS graph converter needs a periodic cell")
             structure = AseAtomsAdaptor.get_structure(frame.to_atoms())
             graphs.append(model.graph_converter(structure).to(device))
     return graphs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ...graph.batch import GraphBatch, edge_vectors
 from ..conservative import energy_forces_stress
@@ -49,7 +50,9 @@ class MatRIS(torch.nn.Module):
         e, rbf_pair, rbf_3b = self.bond_embedding(length[topo.bond_edge])  # (B, C_b), (B, R), (B, R)
         t = self.angle_embedding(unit[e1], unit[e2])  # (A, C_t)
         limit = self.config.checkpoint_angles
-        recompute = limit is not None and topo.num_angles > limit and torch.is_grad_enabled()
+        # under symbolic tracing (export) the angle count is a free symbol: branching on it would fix its range,
+        # so a traced program never recomputes; eager sizes are ints and compare as usual
+        recompute = limit is not None and torch.is_grad_enabled() and statically_known_true(topo.num_angles > limit)
         for block in self.blocks:
             h, e, t = block(h, e, t, rbf_pair, rbf_3b, topo, recompute)
         return self.readout_norm(h)

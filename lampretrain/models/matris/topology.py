@@ -23,12 +23,13 @@ class Topology:
     angle_edge1: torch.Tensor  # (A,) directed edge e₁ (target side)
     angle_target: torch.Tensor  # (A,) bond(e₁)
     angle_source: torch.Tensor  # (A,) bond(e₂)
+    # sizes stay as given (SymInt under symbolic tracing): int() would fix them to the traced values
     num_atoms: int
     num_bonds: int
 
     @property
     def num_angles(self) -> int:
-        return int(self.angle_target.shape[0])
+        return self.angle_target.shape[0]
 
 
 def topology(batch: GraphBatch) -> Topology:
@@ -47,6 +48,6 @@ def topology(batch: GraphBatch) -> Topology:
         angle_edge1=e1,
         angle_target=bond[e1],
         angle_source=bond[e2],
-        num_atoms=int(batch.positions.shape[0]),
-        num_bonds=int(reverse.shape[0]) // 2,
+        num_atoms=batch.positions.shape[0],
+        num_bonds=reverse.shape[0] // 2,
     )

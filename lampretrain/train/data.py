@@ -134,4 +134,5 @@ def build_val_loader(cfg: DataSection, names: list[str], rank: int, world_size: 
     return DataLoader(
         _Rows(LmdbFrameDataset.from_index(index, "val"), mine), batch_sampler=batches, collate_fn=collate,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),  # iter(loader) draws a seed: validation leaves the global RNG alone
     )

@@ -333,9 +333,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
                 hooks.on_log(step, last_metrics)
             t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
         preempted = preempt.agreed()
-        # at the schedule's end, not at --max-steps: a run stopped early and resumed validates where an
-        # uninterrupted one does, and stays bitwise equal to it
-        if val_loader is not None and not preempted and (step % tr.eval_every == 0 or step == tr.steps):
+        if val_loader is not None and not preempted and (step % tr.eval_every == 0 or step == stop_at):
             t_val = time.perf_counter()
             val_metrics = validate(engine, val_loader, model.dataset_names, ema, ctx.device)
             tracker.log_metrics(val_metrics, step)

@@ -209,7 +209,7 @@ def render(results: str | Path, md_out: str | Path | None = None, png_out: str |
     stem = results.with_suffix("")
     md_path = Path(md_out) if md_out else stem.with_name(stem.name + "-summary.md")
     png_path = Path(png_out) if png_out else stem.with_name(stem.name + "-summary.png")
-    text = markdown(records, source=str(results))
+    text = markdown(records, source=results.name)
     png_path = plot(records, png_path)
     text += f"\n![atoms/s and ratios]({png_path.name})\n"
     md_path.write_text(text)

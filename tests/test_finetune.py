@@ -13,66 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from lampretrain.config import from_dict
 from lampretrain.finetune import finetune, parse_finetune
 from lampretrain.finetune.bias import energy_errors, store_batches
 from lampretrain.finetune.lora import LoRALinear, add_lora, fold_lora
 from lampretrain.finetune.model import freeze, load_pretrained, lr_scales
 from lampretrain.models.multitask import MultiTaskModel
-from lampretrain.prep.pipeline import prepare
-from lampretrain.prep.spec import PrepSpec
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import pretrain
 
-REPO = Path(__file__).resolve().parent.parent
-REAL = REPO / "tests" / "data" / "real"
-FEO = REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"
-AL = REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"
-OXIDES = REAL / "fairchem_oxides_asedb/oxides.db"
-# Short cutoffs keep the tests fast on a shared CPU: a 4-atom FeO cell has ~50x fewer bond pairs at 3 Å than at 4.5 Å.
-SMALL_GRAPHS = {"cutoff": 4.0, "three_body_cutoff": 3.0}
+from finetune_support import AL, FEO, REPO, make_store, oxides_slice, tiny_recipe
 
-
-def make_store(out: Path, sources: list[dict]) -> Path:
-    spec = from_dict(PrepSpec, {"name": out.name, "output": str(out), "sources": sources, "split": {"val": 0.2},
-                                "shard_size_mb": 1, **SMALL_GRAPHS})
-    prepare(spec, workers=1, progress=False)
-    return out
-
-
-def tiny_recipe(store: Path, output: Path, steps: int) -> dict:
-    recipe = yaml.safe_load((REPO / "recipes" / "demo-matris.yaml").read_text())
-    recipe["data"].update(store=str(store), datasets=None, budget=64, max_natoms=32)
-    recipe["model"]["options"] = {"num_layers": 2, "atom_dim": 16, "bond_dim": 16, "angle_dim": 16,
-                                  "readout_hidden": [16], "magmom_hidden": 16, **SMALL_GRAPHS}
-    recipe["model"]["heads"] = {"hidden": [16]}
-    recipe["output"] = str(output)
-    recipe["train"].update(steps=steps, progress=False, log_every=2, ema_decay=None)
-    recipe["schedule"] = {"kind": "constant"}
-    recipe["checkpoint"] = {"every": steps, "keep": 1}
-    return recipe
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads make these tiny models ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> dict:
-    from ase.io import write
-
-    from lampretrain.io import read_frames
-
     root = tmp_path_factory.mktemp("ft")
-    oxides = root / "oxides_first24.extxyz"  # a slice of the real db keeps the module's runtime small
-    write(oxides, [f.to_atoms() for _, f in zip(range(24), read_frames(OXIDES))], format="extxyz")
+    oxides = oxides_slice(root, 24)
     store = make_store(root / "pre_store", [
         {"path": str(FEO), "dataset": "mp_pbeu"},
         {"path": str(oxides), "dataset": "oxides_pbe"},

@@ -13,7 +13,6 @@ from ase.build import bulk
 from ase.db import connect
 from ase.filters import FrechetCellFilter
 
-from lampretrain.frames import Frame
 from lampretrain.graph.batch import collate
 from lampretrain.inference import Calculator
 from lampretrain.inference.calculator import atoms_to_frame

@@ -21,7 +21,10 @@ from lampretrain.graph.datasets import LmdbFrameDataset
 from lampretrain.recipe import parse_recipe
 from lampretrain.store.index import StoreIndex
 from lampretrain.train import pretrain
-from test_finetune import OXIDES, REPO, make_store, tiny_recipe
+
+from finetune_support import OXIDES, REPO, make_store, oxides_slice, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COLUMNS = ["energy_per_atom", "volume_per_atom"]
 
@@ -45,24 +48,10 @@ def write_targets(store: Path, path: Path) -> dict[str, np.ndarray]:
     return table
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads make these tiny models ~8x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from ase.io import write
-
-    from lampretrain.io import read_frames
-
     root = tmp_path_factory.mktemp("prop")
-    oxides = root / "oxides_first48.extxyz"
-    write(oxides, [f.to_atoms() for _, f in zip(range(48), read_frames(OXIDES))], format="extxyz")
+    oxides = oxides_slice(root, 48)
     store = make_store(root / "store", [{"path": str(oxides), "dataset": "oxides_pbe"}])
     recipe = tiny_recipe(store, root / "pre", 4)
     recipe["tracking"] = {"enabled": False}

@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 import yaml
 
 from lampretrain.config import ConfigError, from_dict
 from lampretrain.finetune.sweep import SweepSpec, load_sweep, run_sweep
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import pretrain
-from test_finetune import FEO, OXIDES, REPO, make_store, tiny_recipe
+
+from finetune_support import FEO, REPO, make_store, oxides_slice, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LRS = [3e-3, 1e-3, 50.0, -1.0]
 SWEEP = {
@@ -44,23 +46,10 @@ SWEEP = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
-    from ase.io import write
-
-    from lampretrain.io import read_frames
-
     root = tmp_path_factory.mktemp("sweep")
-    oxides = root / "oxides_first8.extxyz"
-    write(oxides, [f.to_atoms() for _, f in zip(range(8), read_frames(OXIDES))], format="extxyz")
+    oxides = oxides_slice(root, 8)
     store = make_store(root / "pre_store", [{"path": str(FEO), "dataset": "mp_pbeu"},
                                             {"path": str(oxides), "dataset": "oxides_pbe"}])
     recipe = tiny_recipe(store, root / "pre", 2)

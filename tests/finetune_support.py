@@ -1,0 +1,50 @@
+"""Shared by the fine-tuning, property-head and sweep tests: real fixture paths, small stores, a tiny MatRIS recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lampretrain.config import from_dict
+from lampretrain.prep.pipeline import prepare
+from lampretrain.prep.spec import PrepSpec
+
+REPO = Path(__file__).resolve().parent.parent
+REAL = REPO / "tests" / "data" / "real"
+FEO = REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"
+AL = REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"
+OXIDES = REAL / "fairchem_oxides_asedb/oxides.db"
+# Short cutoffs keep the tests fast on a shared CPU: a 4-atom FeO cell has ~50x fewer bond pairs at 3 Å than at 4.5 Å.
+SMALL_GRAPHS = {"cutoff": 4.0, "three_body_cutoff": 3.0}
+
+
+def make_store(out: Path, sources: list[dict]) -> Path:
+    spec = from_dict(PrepSpec, {"name": out.name, "output": str(out), "sources": sources, "split": {"val": 0.2},
+                                "shard_size_mb": 1, **SMALL_GRAPHS})
+    prepare(spec, workers=1, progress=False)
+    return out
+
+
+def oxides_slice(root: Path, n: int) -> Path:
+    """The first ``n`` structures of the real oxides ASE db as extxyz: a slice keeps a module's runtime small."""
+    from ase.io import write
+
+    from lampretrain.io import read_frames
+
+    path = root / f"oxides_first{n}.extxyz"
+    write(path, [f.to_atoms() for _, f in zip(range(n), read_frames(OXIDES))], format="extxyz")
+    return path
+
+
+def tiny_recipe(store: Path, output: Path, steps: int) -> dict:
+    recipe = yaml.safe_load((REPO / "recipes" / "demo-matris.yaml").read_text())
+    recipe["data"].update(store=str(store), datasets=None, budget=64, max_natoms=32)
+    recipe["model"]["options"] = {"num_layers": 2, "atom_dim": 16, "bond_dim": 16, "angle_dim": 16,
+                                  "readout_hidden": [16], "magmom_hidden": 16, **SMALL_GRAPHS}
+    recipe["model"]["heads"] = {"hidden": [16]}
+    recipe["output"] = str(output)
+    recipe["train"].update(steps=steps, progress=False, log_every=2, ema_decay=None)
+    recipe["schedule"] = {"kind": "constant"}
+    recipe["checkpoint"] = {"every": steps, "keep": 1}
+    return recipe

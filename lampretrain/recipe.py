@@ -160,7 +160,7 @@ class TrainSection:
 @dataclass
 class EngineSection:
     name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: int = 2  # deepspeed only: 1 or 2 (3 is refused with forces; fsdp shards parameters instead)
+    zero_stage: int = 2  # deepspeed only: 1, 2 or 3 (see train/engines/deepspeed*.py)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     find_unused_parameters: bool = False  # ddp: parameters that never reach the loss (MatRIS's last bond update)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last

@@ -3,7 +3,7 @@
 One torchrun job per backbone runs this file as its worker (``__main__``):
 rank r takes micro-batch r of two fixed micro-batches of real DFT frames
 (Al r2SCAN from VASP with stress, SPICE molecules), and every engine (DDP,
-FSDP2, DeepSpeed ZeRO-1 and ZeRO-2) trains the same initial weights for a
+FSDP2, DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3) trains the same initial weights for a
 few steps. Rank 0 also trains a plain module on both micro-batches with
 gradient accumulation (the 1-rank run with the same global batch). The test
 compares final parameters and loss curves.
@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "data" / "real"
-ENGINES = ["ddp", "fsdp", "zero1", "zero2"]
+ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 STEPS = 4
 TINY = {
     "matris-4m": dict(num_layers=1, atom_dim=16, bond_dim=16, angle_dim=16, readout_hidden=[16], magmom_hidden=16,
@@ -80,6 +80,8 @@ def full_params(engine) -> dict[str, torch.Tensor]:
 
     if engine.name == "fsdp":
         state = get_model_state_dict(engine.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif engine.name == "deepspeed":  # ZeRO-3: gathered from the partitions
+        state = engine.state_tensors()[0]["model"]
     else:
         state = engine.module.state_dict()
     return {k: v.detach().clone() for k, v in state.items()}
@@ -170,17 +172,21 @@ def test_engines_train_with_forces_and_agree(model_name, tmp_path):
     ddp = load("ddp")
     # 2-rank DDP (rank r: micro-batch r) == 1 rank accumulating both micro-batches
     assert max_rel_diff(ddp, load("single")) < 1e-4
-    for name in ("fsdp", "zero1", "zero2"):
+    for name in ("fsdp", "zero1", "zero2", "zero3"):
         assert max_rel_diff(load(name), ddp) < 1e-4, name
         assert results[name]["losses"] == pytest.approx(results["ddp"]["losses"], rel=1e-4)
 
 
-def test_zero3_is_refused_with_the_reason():
-    """ZeRO-3 releases parameters after every backward, the inner force gradient included (engines/deepspeed.py)."""
-    from lampretrain.train.engines import make_engine
+def test_zero3_partitions_every_parameter():
+    """The adapter gathers all parameters together, so ZeRO-3's persistence of small ones is refused, not ignored."""
+    pytest.importorskip("deepspeed")
+    from lampretrain.train.engines.deepspeed_zero3 import DeepSpeedZero3Adapter
 
-    with pytest.raises(ValueError, match=r"ZeRO-3 cannot train conservative forces.*size 0.*#3539.*engine.name: fsdp"):
-        make_engine("deepspeed", torch.nn.Linear(2, 1), optimizer, torch.device("cpu"), None, zero_stage=3)
+    adapter = DeepSpeedZero3Adapter.__new__(DeepSpeedZero3Adapter)
+    assert adapter.zero_config(3, {"overlap_comm": False}) == {
+        "overlap_comm": False, "stage": 3, "stage3_param_persistence_threshold": 0}
+    with pytest.raises(ValueError, match="stage3_param_persistence_threshold must be 0"):
+        adapter.zero_config(3, {"stage3_param_persistence_threshold": 100000})
 
 
 if __name__ == "__main__":

@@ -241,8 +241,8 @@ def test_submit_runs_sbatch_after_validation(tmp_path, fake_sbatch, capsys):
         (SLURM, ["--gpus-per-node", "0"], "resources.gpus_per_node: must be >= 1 (GPUs per node on a GPU cluster)"),
         (SLURM, ["--nodes", "0"], "resources.nodes: must be >= 1, got 0"),
         (SLURM | {"paths": {"data": "/nonexistent/lam/store"}}, [], "paths.data: /nonexistent/lam/store does not exist"),
-        (SLURM, ["--set", "engine.name=deepspeed", "--set", "engine.zero_stage=3", "--profile-set",
-                 "resources.gpu=false"], "engine.zero_stage: ZeRO-3 needs one GPU per rank"),
+        (SLURM, ["--set", "engine.backend=nccl", "--profile-set", "resources.gpu=false"],
+         "engine.backend: nccl needs a GPU per rank"),
     ],
 )
 def test_bad_profile_fails_before_submission(tmp_path, fake_sbatch, capsys, profile, extra, field):

@@ -283,10 +283,11 @@ def resume_worker(*recipes: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_and_deepspeed_resume_equals_uninterrupted(store, tmp_path):
-    """2 ranks, FSDP2 and DeepSpeed ZeRO-2: checkpoint at step 2 (sharded model, optimizer and EMA; ZeRO's
+    """2 ranks, FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3: checkpoint at step 2 (sharded model, optimizer and EMA; ZeRO's
     fp32 partitions), resume, and step 4 equals the uninterrupted run's step 4 bitwise."""
     pytest.importorskip("deepspeed")
-    engines = {"fsdp": {"name": "fsdp"}, "zero2": {"name": "deepspeed", "zero_stage": 2}}
+    engines = {"fsdp": {"name": "fsdp"}, "zero2": {"name": "deepspeed", "zero_stage": 2},
+               "zero3": {"name": "deepspeed", "zero_stage": 3}}
     recipes = []
     for name, engine in engines.items():
         for kind in ("ref", "split"):

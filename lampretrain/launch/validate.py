@@ -6,9 +6,8 @@ Rules (each failure names the field):
 - ``paths.data`` exists and ``paths.output`` (or its parent) exists when they are local paths; ``--remote-paths``
   skips this for paths that exist only on the cluster;
 - pretraining: the recipe validates; world size = nodes × gpus_per_node must not exceed the training frames
-  the sampler can deal (each rank needs a structure every step); DeepSpeed ZeRO-3 needs one GPU per rank, so it
-  is refused where ranks have no GPU (``resources.gpu: false``, or ``--cluster local`` without enough GPUs);
-  NCCL needs GPUs.
+  the sampler can deal (each rank needs a structure every step); NCCL needs a GPU per rank (``resources.gpu:
+  false``, or ``--cluster local`` without enough GPUs, has none).
 """
 
 from __future__ import annotations
@@ -99,8 +98,6 @@ def _recipe_problems(plan: LaunchPlan) -> list[str]:
     gpu_ranks = r.gpu if plan.cluster != "local" else local_gpus() >= world and recipe.train.device != "cpu"
     if plan.cluster == "local" and recipe.train.device == "cuda" and local_gpus() < world:
         out.append(f"train.device: cuda for {world} local ranks, but this machine has {local_gpus()} GPU(s)")
-    if recipe.engine.name == "deepspeed" and recipe.engine.zero_stage == 3 and not gpu_ranks:
-        out.append("engine.zero_stage: ZeRO-3 needs one GPU per rank; these ranks have none (use stage 1 or 2)")
     if recipe.engine.backend == "nccl" and not gpu_ranks:
         out.append("engine.backend: nccl needs a GPU per rank; use gloo or auto")
     if world >= 1:

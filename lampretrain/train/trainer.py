@@ -212,7 +212,7 @@ def _set_rng(ctx: Context, saved: dict[str, torch.Tensor]) -> None:
 def _state(engine: Engine, ema: EMA | None, objective: torch.nn.Module, ctx: Context) -> tuple[dict, dict]:
     tensors, extras = engine.state_tensors()
     if ema is not None:
-        tensors["ema"] = ema.state_dict()
+        tensors["ema"] = engine.full_tensors(ema.state_dict())
     if len(objective.state_dict()):
         tensors["objective"] = objective.state_dict()
     tensors["rng"] = _rng_tensors(ctx)
@@ -275,6 +275,8 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
             raise ValueError(f"{source}: saved at world size {meta['world_size']}, resuming at {ctx.world_size}")
         ckpt.load(source, tensors)
         engine.load_state_tensors(tensors, meta["engine"])
+        if ema is not None:
+            engine.load_local_(ema.state_dict(), tensors["ema"])
         if "objective" in tensors:
             objective.load_state_dict(tensors["objective"])
         _set_rng(ctx, tensors["rng"])

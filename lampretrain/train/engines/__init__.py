@@ -1,4 +1,4 @@
-"""Engines: one small interface over DDP, FSDP2 and DeepSpeed ZeRO.
+"""Engines: one small interface over DDP, FSDP2 and DeepSpeed ZeRO-1/2/3.
 
 The trainer only ever calls these methods, so its loop is the same for every
 strategy::
@@ -83,6 +83,15 @@ class Engine:
         """Trainable parameters by their unwrapped names (what EMA averages)."""
         return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
+    def full_tensors(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors shaped like :meth:`named_parameters` (e.g. EMA shadows) as full parameters, for checkpoints
+        that inference reads by name. The same tensors except under ZeRO-3, whose ranks hold partitions."""
+        return local
+
+    def load_local_(self, local: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`full_tensors`: fill ``local`` from the loaded ``full`` (nothing to do when they are
+        the same tensors, which the checkpoint loader filled in place)."""
+
     def state_tensors(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors for torch.distributed.checkpoint, JSON-able extras) of model and optimizer."""
         raise NotImplementedError
@@ -126,8 +135,10 @@ def make_engine(
         return FSDPEngine(module, optimizer_factory, device, autocast)
     if name == "deepspeed":
         from .deepspeed import DeepSpeedEngineAdapter
+        from .deepspeed_zero3 import DeepSpeedZero3Adapter
 
-        return DeepSpeedEngineAdapter(
+        adapter = DeepSpeedZero3Adapter if zero_stage == 3 else DeepSpeedEngineAdapter
+        return adapter(
             module, optimizer_factory, device, autocast, grad_accum, zero_stage, max_norm, deepspeed_config or {}
         )
     raise ValueError(f"unknown engine '{name}'; allowed: ddp, fsdp, deepspeed")

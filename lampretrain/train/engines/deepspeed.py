@@ -7,19 +7,8 @@ that also run for that inner gradient and fail (IndexError in
 pyproject's ``deepspeed`` extra. The inner gradient asks only for ∂E/∂x,
 so ZeRO's per-parameter reduce hooks fire once, in the loss backward.
 
-ZeRO-3 is refused (:data:`ZERO3_UNSUPPORTED` says why). Measured with
-deepspeed 0.17.6 on CPU/gloo, 2 ranks, a small MatRIS: after the forward
-(which includes the inner force gradient) 93 of 107 parameters are released
-to size 0, because ZeRO-3 re-partitions a module's parameters when a
-backward pass through it ends, and the inner ``autograd.grad`` is such a
-pass; the loss backward then walks the saved double-backward graph and fails
-(``shape '[1, 16]' is invalid for input of size 0`` in
-``NativeLayerNormBackwardBackward0``). DPA4 fails earlier, inside the inner
-gradient, since a module returning a dataclass hides its tensors from
-ZeRO-3's backward hooks. DeepSpeed's own reports of the release-during-
-backward problem: issues #3539 and #7352 (backward twice on one graph:
-"size mismatch 0 vs N"), with an unmerged fix, PR #8045 (keep parameters
-while a graph is retained).
+ZeRO-3 lives in :mod:`.deepspeed_zero3` (it needs the inner gradient kept
+away from ZeRO-3's per-module parameter release).
 
 Checkpoints stay in torch.distributed.checkpoint: the full module state
 (replicated under ZeRO-1/2, written once) plus, per rank, the flat fp32
@@ -37,13 +26,6 @@ import torch.distributed as dist
 
 from . import Engine, OptimizerFactory
 
-ZERO3_UNSUPPORTED = (
-    "deepspeed ZeRO-3 cannot train conservative forces: it releases each module's parameters when a backward "
-    "pass through the module ends, and the force F = -dE/dx is such a pass inside forward, so the loss backward "
-    "through its saved graph meets parameters of size 0 (DeepSpeed issues #3539/#7352). Use engine.name: fsdp "
-    "(FSDP2 shards parameters, gradients and optimizer state) or deepspeed zero_stage 1 or 2"
-)
-
 
 class DeepSpeedEngineAdapter(Engine):
     name = "deepspeed"
@@ -59,8 +41,6 @@ class DeepSpeedEngineAdapter(Engine):
         max_norm: float | None,
         extra: dict[str, Any],
     ):
-        if zero_stage == 3:
-            raise ValueError(ZERO3_UNSUPPORTED)
         import deepspeed
 
         super().__init__(module.to(device), device, autocast)
@@ -68,16 +48,25 @@ class DeepSpeedEngineAdapter(Engine):
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": grad_accum,
-            "zero_optimization": {"stage": zero_stage},
+            "zero_optimization": self.zero_config(zero_stage, extra.get("zero_optimization", {})),
             "zero_allow_untested_optimizer": True,
             "gradient_clipping": float(max_norm or 0.0),
             "steps_per_print": 2**31 - 1,
         }
-        config.update(extra)
+        config.update({k: v for k, v in extra.items() if k != "zero_optimization"})
         self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer_factory(self.params), config=config, dist_init_required=False
+            model=self.engine_module(), optimizer=optimizer_factory(self.params), config=config,
+            dist_init_required=False,
         )
         self.zero_stage = zero_stage
+
+    def zero_config(self, stage: int, user: dict[str, Any]) -> dict[str, Any]:
+        """The ``zero_optimization`` section: the recipe's stage over the user's extra settings."""
+        return {**user, "stage": stage}
+
+    def engine_module(self) -> torch.nn.Module:
+        """What ``deepspeed.initialize`` wraps."""
+        return self.module
 
     def close(self) -> None:
         self.wrapped.destroy()

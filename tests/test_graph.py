@@ -13,7 +13,7 @@ import torch
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from lampretrain.frames import BOHR_TO_ANGSTROM, Frame
-from lampretrain.graph.batch import build_graph, collate, edge_vectors
+from lampretrain.graph.batch import build_graph, collate, edge_vectors, pack
 from lampretrain.neighbors import neighbor_list
 
 REAL = Path(__file__).parent / "data" / "real"
@@ -172,6 +172,23 @@ def test_mixed_batch_matches_each_structure():
     assert batch.num_angles == sum(build_graph(f, CUTOFF, THREE_BODY).angle_index.shape[1] for f in frames)
     r = batch.edge_reverse
     assert (batch.edge_index[:, r] == batch.edge_index.flip(0)).all()
+
+
+@pytest.mark.parametrize("with_graph", [True, False], ids=["graph", "atoms-only"])
+def test_packed_batch_unpacks_to_the_same_tensors_as_views(with_graph):
+    """One buffer crosses the worker boundary; every field comes back with its dtype, shape and values, including
+    the empty edge and angle lists of an atoms-only batch, as views of that buffer."""
+    from dataclasses import fields
+
+    frames = [FRAMES[k][0] for k in FRAMES]
+    batch = collate(frames, cutoff=CUTOFF, three_body_cutoff=THREE_BODY, with_graph=with_graph)
+    packed = pack(batch)
+    unpacked = packed.unpack()
+    start, end = packed.buffer.data_ptr(), packed.buffer.data_ptr() + packed.buffer.numel()
+    for f in fields(batch):
+        a, b = getattr(batch, f.name), getattr(unpacked, f.name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name
+        assert b.numel() == 0 or start <= b.data_ptr() < end, f.name
 
 
 def test_collate_without_graph_leaves_edges_empty():

@@ -16,12 +16,16 @@ A last line (``bench: trainer_overhead``) compares the 1-rank trainer step
 with a bare loop over the same pre-collated batches (forward with forces,
 loss, backward, AdamW step; no engine, sampler, loader, EMA or metrics):
 ``overhead = trainer / bare − 1``, target < 5 %. Loading runs in
-``--workers`` loader processes, as in training.
+``--workers`` loader processes, as in training. Both run in this process,
+alternating ``--overhead-repeats`` times, and the median of the pairwise
+ratios is reported: on a shared machine the load drifts between runs, and a
+pair measured back to back sees nearly the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -72,9 +76,8 @@ def measured(windows: list[tuple[int, dict[str, float]]], warmup: int) -> dict[s
     }
 
 
-def worker(recipe_path: str, result_path: str, warmup: int) -> None:
-    """One rank of the measured run (under torchrun); rank 0 writes the windows after the warmup combined."""
-    from lampretrain.recipe import load_recipe
+def trainer_step(recipe, warmup: int) -> dict[str, float]:
+    """Run ``pretrain`` on ``recipe`` and combine its metric windows after ``warmup`` steps (:func:`measured`)."""
     from lampretrain.train import pretrain
     from lampretrain.train.trainer import TrainHooks
 
@@ -85,11 +88,18 @@ def worker(recipe_path: str, result_path: str, warmup: int) -> None:
         def on_log(self, step: int, metrics: dict[str, float]) -> None:
             self.seen.append((step, metrics))
 
-    recipe = load_recipe(recipe_path)
     hooks = Windows()
     pretrain(recipe, hooks=hooks)
+    return measured(hooks.seen, warmup)
+
+
+def worker(recipe_path: str, result_path: str, warmup: int) -> None:
+    """One rank of the measured run (under torchrun); rank 0 writes the windows after the warmup combined."""
+    from lampretrain.recipe import load_recipe
+
+    result = trainer_step(load_recipe(recipe_path), warmup)
     if int(os.environ.get("RANK", 0)) == 0:
-        Path(result_path).write_text(json.dumps(measured(hooks.seen, warmup)))
+        Path(result_path).write_text(json.dumps(result))
 
 
 def run_ranks(args: argparse.Namespace, ranks: int, tmp: Path) -> dict:
@@ -151,6 +161,32 @@ def bare_step_time(args: argparse.Namespace, tmp: Path) -> float:
     return (time.perf_counter() - t0) / args.steps
 
 
+def trainer_overhead(args: argparse.Namespace, tmp: Path) -> dict:
+    """1-rank trainer step vs the bare loop, both in this process, alternating; median of the pairwise ratios."""
+    import statistics
+
+    from lampretrain.recipe import parse_recipe
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pairs = []
+    for k in range(args.overhead_repeats):
+        bare = bare_step_time(args, tmp)
+        recipe = parse_recipe(bench_recipe(args, tmp / f"overhead-{k}"))
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries JSON
+            trainer = trainer_step(recipe, args.warmup)["step_time_s"]
+        pairs.append((trainer, bare))
+    ratios = [t / b - 1.0 for t, b in pairs]
+    return {
+        "bench": "trainer_overhead", "impl": "lampretrain", "device": args.device, "model": args.model,
+        "trainer_step_s": statistics.median(t for t, _ in pairs), "bare_step_s": statistics.median(b for _, b in pairs),
+        "overhead": statistics.median(ratios), "overhead_pairs": ratios, "workers": args.workers,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -168,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--overhead-repeats", type=int, default=3,
+                   help="trainer/bare pairs for the overhead line; 0 skips it (default: %(default)s)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lampretrain-scaling-") as tmp:
@@ -183,14 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 "atoms_per_s_per_rank": per_rank, "efficiency": per_rank / base,
                 "imbalance_atoms": m["imbalance_atoms"], "steps": args.steps,
             }, args.json_out)
-            if ranks == 1:
-                trainer = m["step_time_s"]
-                bare = bare_step_time(args, tmp)
-                emit({
-                    "bench": "trainer_overhead", "impl": "lampretrain", "device": args.device, "model": args.model,
-                    "trainer_step_s": trainer, "bare_step_s": bare, "overhead": trainer / bare - 1.0,
-                    "peak_rss_mb": peak_rss_mb(),
-                }, args.json_out)
+        if args.overhead_repeats > 0:
+            emit(trainer_overhead(args, tmp), args.json_out)
     return 0
 
 

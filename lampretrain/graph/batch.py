@@ -68,6 +68,48 @@ class GraphBatch:
         return GraphBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
+_ALIGN = 8  # bytes: every field starts at a multiple of the widest element size, so views need no copy
+
+
+@dataclass
+class PackedGraphBatch:
+    """A :class:`GraphBatch` as one byte buffer and its layout.
+
+    A DataLoader worker hands every tensor to the trainer through its own
+    shared-memory file descriptor, a socket connection with an HMAC handshake
+    each: measured 1.5 ms per tensor, 30 ms per 19-tensor batch on the CPU
+    demo, 5–7 % of a step. One buffer is one handshake (and one pin / one
+    host-to-device copy); :meth:`unpack` gives views, no copies.
+    """
+
+    buffer: torch.Tensor  # (bytes,) uint8
+    layout: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # (field, dtype, shape, byte offset)
+
+    def unpack(self) -> GraphBatch:
+        out = {}
+        for name, dtype, shape, offset in self.layout:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out[name] = self.buffer[offset : offset + nbytes].view(dtype).view(shape)
+        return GraphBatch(**out)
+
+    def pin_memory(self) -> "PackedGraphBatch":
+        return PackedGraphBatch(self.buffer.pin_memory(), self.layout)
+
+
+def pack(batch: GraphBatch) -> PackedGraphBatch:
+    """Copy every field of ``batch`` into one aligned byte buffer (see :class:`PackedGraphBatch`)."""
+    layout, offset = [], 0
+    tensors = [(f.name, getattr(batch, f.name).contiguous()) for f in fields(batch)]
+    for name, t in tensors:
+        layout.append((name, t.dtype, tuple(t.shape), offset))
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    for (name, t), (_, _, _, start) in zip(tensors, layout):
+        if t.numel():
+            buffer[start : start + t.numel() * t.element_size()] = t.reshape(-1).view(torch.uint8)
+    return PackedGraphBatch(buffer, tuple(layout))
+
+
 def edge_vectors(positions: torch.Tensor, cell: torch.Tensor, batch: GraphBatch) -> torch.Tensor:
     """r_ij = x_j + S_ij·cell_g − x_i for every directed edge, (E, 3).
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..frames import Frame
 from ..store.lmdb_shards import LmdbShardReader
 from ..store.wds_shards import iter_wds_frames
-from .batch import GraphBatch, collate
+from .batch import GraphBatch, PackedGraphBatch, collate, pack
 
 
 class LmdbFrameDataset(Dataset):
@@ -122,7 +122,9 @@ class GraphCollate:
 
     ``on_device=True`` skips the neighbor search in the worker; call
     ``attach_graph(batch.to(device), cutoff, three_body_cutoff)`` after the
-    transfer (:meth:`finish` does exactly that).
+    transfer (:meth:`finish` does exactly that). ``packed=True`` returns a
+    :class:`~lampretrain.graph.batch.PackedGraphBatch` (one tensor to hand
+    from a worker process instead of nineteen); ``.unpack()`` it.
     """
 
     def __init__(
@@ -132,12 +134,13 @@ class GraphCollate:
         dataset_ids: dict[str, int] | None = None,
         dtype: torch.dtype = torch.float32,
         on_device: bool = False,
+        packed: bool = False,
     ):
         self.cutoff, self.three_body_cutoff = float(cutoff), float(three_body_cutoff)
-        self.dataset_ids, self.dtype, self.on_device = dataset_ids, dtype, on_device
+        self.dataset_ids, self.dtype, self.on_device, self.packed = dataset_ids, dtype, on_device, packed
 
-    def __call__(self, frames: Sequence[Frame]) -> GraphBatch:
-        return collate(
+    def __call__(self, frames: Sequence[Frame]) -> GraphBatch | PackedGraphBatch:
+        batch = collate(
             frames,
             dataset_ids=self.dataset_ids,
             cutoff=self.cutoff,
@@ -145,6 +148,7 @@ class GraphCollate:
             dtype=self.dtype,
             with_graph=not self.on_device,
         )
+        return pack(batch) if self.packed else batch
 
     def finish(self, batch: GraphBatch, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
         """Move a collated batch to ``device`` and build its graph there when ``on_device``."""

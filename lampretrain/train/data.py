@@ -47,9 +47,9 @@ class TrainData:
         """
         while True:
             self.sampler.load_state_dict({"epoch": epoch, "position": position})
-            for batch in self.loader:
+            for packed in self.loader:
                 position += 1
-                yield epoch, position, batch
+                yield epoch, position, packed.unpack()
             epoch, position = epoch + 1, 0
 
 
@@ -93,7 +93,7 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
     sampler = BalancedBatchSampler(
         cost, cfg.budget, rank, world_size, dataset=head_ds, weights=weights, epoch_size=s.epoch_size, seed=seed
     )
-    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)})
+    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)}, packed=True)
     loader = DataLoader(
         _Rows(frames, keep),
         batch_sampler=sampler,

@@ -200,6 +200,12 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
+    def __post_init__(self):
+        if self.engine.name == "deepspeed" and self.engine.zero_stage == 2 and self.train.grad_accum > 1:
+            from .train.engines.deepspeed import ZERO2_ACCUMULATION
+
+            raise ConfigError("engine.zero_stage: " + ZERO2_ACCUMULATION.format(grad_accum=self.train.grad_accum))
+
 
 def _number_literal(override: str) -> str:
     """``lr=3e-4`` → ``lr=0.0003``: YAML 1.1 reads a float without a dot as a string."""

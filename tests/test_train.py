@@ -119,6 +119,8 @@ def test_recipe_rejects_unknown_keys_and_applies_overrides():
         parse_recipe(dict(base), ["model.name=matris-99m"])
     with pytest.raises(ConfigError, match=r"objective.*balancing"):
         parse_recipe(dict(base), ["objective.options.balancing=magic"])
+    with pytest.raises(ConfigError, match=r"engine.zero_stage: deepspeed ZeRO-2 with train.grad_accum 2.*zero_stage 1 or 3"):
+        parse_recipe(dict(base), ["engine.name=deepspeed", "engine.zero_stage=2", "train.grad_accum=2"])
     recipe = parse_recipe(dict(base), ["optim.lr=3e-4", "train.steps=7"])
     assert recipe.optim.lr == 3e-4 and recipe.train.steps == 7
 

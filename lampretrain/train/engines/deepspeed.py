@@ -7,6 +7,14 @@ that also run for that inner gradient and fail (IndexError in
 pyproject's ``deepspeed`` extra. The inner gradient asks only for ∂E/∂x,
 so ZeRO's per-parameter reduce hooks fire once, in the loss backward.
 
+ZeRO-2 with gradient accumulation is refused (:data:`ZERO2_ACCUMULATION`):
+in 0.17.6 the stage-2 backward epilogue rebuilds its list of this rank's
+gradient partitions at every micro-step before the boundary instead of
+adding to it, so only the last micro-batch's gradient reaches the step
+(measured on 2 ranks: with the loss on the first of two micro-batches only,
+the gradient norm is 0; with both, half of DDP's). ZeRO-1 and ZeRO-3
+accumulate correctly (tested against DDP).
+
 ZeRO-3 lives in :mod:`.deepspeed_zero3` (it needs the inner gradient kept
 away from ZeRO-3's per-module parameter release).
 
@@ -27,6 +35,13 @@ import torch.distributed as dist
 from . import Engine, OptimizerFactory
 
 
+ZERO2_ACCUMULATION = (
+    "deepspeed ZeRO-2 with train.grad_accum {grad_accum}: deepspeed 0.17.6 keeps only the last micro-batch's "
+    "reduced gradient partition (see lampretrain/train/engines/deepspeed.py); use engine.zero_stage 1 or 3 "
+    "(or fsdp), or grad_accum 1 with a larger data.budget"
+)
+
+
 class DeepSpeedEngineAdapter(Engine):
     name = "deepspeed"
 
@@ -41,6 +56,8 @@ class DeepSpeedEngineAdapter(Engine):
         max_norm: float | None,
         extra: dict[str, Any],
     ):
+        if zero_stage == 2 and grad_accum > 1:
+            raise ValueError(ZERO2_ACCUMULATION.format(grad_accum=grad_accum))
         import deepspeed
 
         super().__init__(module.to(device), device, autocast)

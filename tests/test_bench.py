@@ -117,18 +117,55 @@ def test_cost_fit_recovers_known_coefficients():
     assert 0.999 < fit["r2"] <= 1.0
 
 
-def test_missing_peer_is_reported_as_skipped(monkeypatch, oxide3, capsys):
-    missing = peers.Peer("deepmd-kit", "lampretrain_no_such_peer_module", "pip install 'lampretrain[peer-deepmd]'")
-    monkeypatch.setitem(peers.PEERS, "deepmd-kit", missing)
-    module, reason = peers.load("deepmd-kit")
-    assert module is None and reason.startswith("not installed") and "pip install 'lampretrain[peer-deepmd]'" in reason
-    small = ["--set", "channels=8", "--set", "lmax=1", "--set", "n_blocks=1", "--set", "so2_layers=1",
+TINY_DPA4 = ["--set", "channels=8", "--set", "lmax=1", "--set", "n_blocks=1", "--set", "so2_layers=1",
              "--set", "cutoff=4.0", "--set", "n_radial=4"]
+
+
+def test_deepmd_without_interpreter_is_skipped_with_build_command(monkeypatch, tmp_path, oxide3, capsys):
+    monkeypatch.delenv(peers.DEEPMD_PYTHON_ENV, raising=False)
+    monkeypatch.setattr(peers, "DEEPMD_VENV_PYTHON", tmp_path / "no-venv" / "bin" / "python")
+    if peers.load("deepmd-kit")[0] is not None:
+        pytest.skip("deepmd-kit imports in this interpreter, which then runs the peer")
     assert cli.main(["bench", "model", "--model", "dpa4-neo", "--structures", str(oxide3), "--repeat", "1",
-                     "--warmup", "0", "--no-save", *small]) == 0
+                     "--warmup", "0", "--no-save", *TINY_DPA4]) == 0
     ours, skip = _lines(capsys.readouterr().out)
     assert ours["impl"] == "lampretrain" and ours["atoms"] == 3 and ours["atoms_per_s"] > 0
-    assert skip == {"bench": "model", "peer": "deepmd-kit", "skipped": reason, "model": "dpa4-neo", "mode": "infer"}
+    assert skip["peer"] == "deepmd-kit" and skip["model"] == "dpa4-neo" and skip["mode"] == "infer"
+    build = peers.PEERS["deepmd-kit"].install
+    assert "'deepmd-kit==3.2.0'" in build and "'torch==2.11.0'" in build
+    assert build in skip["skipped"] and peers.DEEPMD_PYTHON_ENV in skip["skipped"]
+    python, reason = peers.deepmd_python(str(tmp_path / "missing-python"))
+    assert python is None and "missing-python is not an executable file" in reason and build in reason
+
+
+def test_deepmd_side_by_side_in_its_own_interpreter(tmp_path, capsys):
+    python, reason = peers.deepmd_python()
+    if python is None:
+        pytest.skip(f"no deepmd-kit 3.2.0 interpreter; build one with: {peers.PEERS['deepmd-kit'].install}")
+    import ase.io
+
+    molecule = next(f for f in read_frames(REAL / "deepmd_nopbc_cho") if f.natoms >= 5)  # no cell: forces ≠ 0
+    crystal = next(f for f in read_frames(OXIDES) if f.natoms == 3)
+    structures = tmp_path / "mixed.extxyz"
+    ase.io.write(structures, [molecule.to_atoms(), crystal.to_atoms()], format="extxyz")
+    assert cli.main(["bench", "model", "--model", "dpa4-neo", "--structures", str(structures), "--mode", "train",
+                     "--repeat", "1", "--warmup", "0", "--threads", "1", "--no-save", *TINY_DPA4]) == 0
+    ours, peer = _lines(capsys.readouterr().out)
+    assert ours["atoms"] == molecule.natoms + 3 and ours["n_structures"] == 2
+    assert peer["impl"] == "deepmd-kit" and peer["peer_python"] == python
+    assert peer["versions"]["deepmd-kit"] == "3.2.0"
+    assert peer["type_map"] == sorted({"O", "Sn"} | {s for s in molecule.to_atoms().get_chemical_symbols()})
+    for key in ("model", "n_structures", "atoms", "mode", "device", "dtype", "threads"):
+        assert peer[key] == ours[key]
+    assert peer["edges"] == ours["edges"]  # the same directed pairs within the 4 Å cutoff
+    # our --set options reach its descriptor
+    config = peer["descriptor"]
+    assert (config["channels"], config["lmax"], config["n_blocks"], config["mixing_layers"], config["rcut"],
+            config["n_radial"]) == (8, 1, 1, 1, 4.0, 4)
+    assert peer["ratio"] == pytest.approx(ours["atoms_per_s"] / peer["atoms_per_s"])
+    assert peer["memory_ratio"] == pytest.approx(ours["peak_rss_mb"] / peer["peak_rss_mb"])
+    assert peer["atoms_per_s"] == pytest.approx(ours["atoms"] / peer["median_s_per_step"])
+    assert peer["max_abs_force_first"] > 1e-6  # its random weights make forces depend on them: a real force loss
 
 
 def test_official_matris_side_by_side(oxide3, capsys):

@@ -18,7 +18,11 @@ Peers run side by side in the same process on the same frames (``--peers auto``,
 timed in alternation with ours so that a load change on a shared machine hits both: the official
 MatRIS code for ``matris-*`` (``impl: matris-official``, with ``ratio`` = our atoms/s over its;
 reported as skipped when a structure is not periodic, which its graph converter cannot take),
-deepmd-kit's DPA4 for ``dpa4-*`` (reported as skipped with the reason while it cannot run here).
+deepmd-kit's DPA4 for ``dpa4-*`` (``impl: deepmd-kit``). deepmd-kit 3.2.0 needs torch 2.11.0, so it
+runs ``bench/peer_deepmd.py`` under its own interpreter (``--peer-python``, ``$LAMPRETRAIN_DEEPMD_PYTHON``
+or the venv that ``bench/peers.py`` documents) in a subprocess, before ours is timed, on the same file,
+mode, threads, repeat and warm-up, with descriptor arguments matching our config; its peak memory is
+its own process's. Without an interpreter it is reported as skipped with the command that builds one.
 
 GPU path (``--device cuda``): timing is synchronised around every step after ``--warmup`` steps
 (which also absorb ``--compile``'s compilation), memory is ``torch.cuda.max_memory_allocated``
@@ -68,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flops", action="store_true", help="also count matmul FLOPs per step and measure the matmul rate")
     p.add_argument("--peers", choices=("auto", "none"), default="auto",
                    help="run the peer implementation side by side when installed (default: %(default)s)")
+    p.add_argument("--peer-python", default=None, metavar="PATH",
+                   help="interpreter with deepmd-kit 3.2.0 for the dpa4-* peer (default: $LAMPRETRAIN_DEEPMD_PYTHON, "
+                   "then the venv of bench/peers.py)")
     p.add_argument("--max-fit", action="store_true",
                    help="CUDA: also find the largest supercell of the first structure whose step fits in memory")
     p.add_argument("--max-repeat", type=int, default=40, help="--max-fit searches repeats up to N×N×N")
@@ -273,11 +280,25 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
             return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
         official = build_official(model.config, args.device, dtype)
         return {peers.PEERS["matris"].name: (official, make_official_step(official, frames, args.mode, args.device))}, None
-    if args.model.startswith("dpa4"):
-        module, reason = peers.load("deepmd-kit")
-        reason = reason or "deepmd-kit imports, but its DPA4 side by side is not wired into this benchmark yet"
-        return {}, skipped("model", peers.PEERS["deepmd-kit"].name, reason, model=args.model, mode=args.mode)
     return {}, None
+
+
+def deepmd_line(args, model: torch.nn.Module) -> dict:
+    """deepmd-kit's DPA4 JSON line on the same structures, run in its own interpreter, or the skipped line.
+
+    Run before our model meets the batch, so that the two processes never hold their peak memory at once.
+    """
+    python, reason = peers.deepmd_python(args.peer_python)
+    if python is not None:
+        line, reason = peers.run_deepmd(
+            python, args.structures, model.config, model=args.model, mode=args.mode, device=args.device,
+            threads=torch.get_num_threads(), repeat=args.repeat, warmup=args.warmup, amp=args.dtype == "bfloat16",
+        )
+        if line is not None:
+            # the case keys are ours (as for in-process peers); what the peer really ran in is kept apart
+            return {**line, "dtype": args.dtype, "compile": args.compile, "peer_dtype": line["dtype"],
+                    "peer_compile": line["compile"], "peer_python": python}
+    return skipped("model", peers.PEERS["deepmd-kit"].name, reason, model=args.model, mode=args.mode)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -292,6 +313,7 @@ def run(argv: list[str] | None = None) -> dict:
     model = build(args.model, **overrides(args.set)).to(device=args.device, dtype=dtype)
     cutoff, three_body_cutoff = graph_cutoffs(model)
     frames = [f.validate() for f in read_frames(args.structures)]
+    deepmd = deepmd_line(args, model) if args.peers == "auto" and args.model.startswith("dpa4") else None
     batch = collate(frames, cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(args.device)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plain_model = model
@@ -316,6 +338,10 @@ def run(argv: list[str] | None = None) -> dict:
             result["peak_cuda_mb"] = m["peak_mb"]
         results.append(result)
     ours = results[0]
+    if deepmd is not None and "skipped" in deepmd:
+        skip = deepmd
+    elif deepmd is not None:
+        results.append(deepmd)
     for peer in results[1:]:
         peer["ratio"] = ours["atoms_per_s"] / peer["atoms_per_s"]  # > 1: lampretrain is faster
         peer["memory_ratio"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]

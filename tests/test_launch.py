@@ -307,6 +307,7 @@ def test_local_two_nodes_train_and_checkpoint(tmp_path, demo_store):
          str(RECIPE), "--cluster", "local", "--nodes", "2", "--gpus-per-node", "1",
          "--set", f"data.store={demo_store}", "--set", f"output={run_dir}", "--set", "train.steps=2",
          "--set", "checkpoint.every=1", "--set", "train.progress=false", "--set", "train.device=cpu",
+         "--set", "train.eval_every=null",
          "--set", "tracking.enabled=false"],
         cwd=REPO_ROOT, timeout=600,
     ).returncode

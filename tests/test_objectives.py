@@ -126,6 +126,28 @@ def test_uncertainty_weights_react_to_a_dataset_100x_the_others():
         LossBalancer("gradnorm", coefficients, torch.ones(3, 2))
 
 
+def test_bounded_uncertainty_starts_static_and_stays_within_its_ratio():
+    """From the static weights c/s; a term whose loss → 0 gains at most R_u×, a 100× term loses at most R_u×."""
+    coefficients = torch.ones(3, 2)
+    scales = torch.tensor([[0.1, 1.0], [0.2, 2.0], [0.4, 4.0]])
+    balancer = LossBalancer("uncertainty", coefficients, scales, max_ratio_dynamic=4.0)
+    static = LossBalancer("static", coefficients, scales)
+    assert torch.equal(balancer.weights(), static.weights())
+    losses = torch.tensor([[1e-6, 1.0], [100.0, 1.0], [1.0, 1.0]]) * static.weights().reciprocal()
+    present = torch.ones(3, 2, dtype=torch.bool)
+    opt = torch.optim.Adam(balancer.parameters(), lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        balancer(losses, present)[0].backward()
+        opt.step()
+    ratio = (balancer.weights() / static.weights()).detach()
+    assert 3.5 < ratio[0, 0] <= 4.0  # would be 10⁶ unbounded
+    assert 0.25 <= ratio[1, 0] < 0.3  # would be 0.01 unbounded
+    assert torch.allclose(ratio[:, 1], torch.ones(3), atol=0.05)  # at its optimum already
+    with pytest.raises(ValueError, match="uncertainty_max_ratio"):
+        ObjectiveConfig(balancing="uncertainty", uncertainty_max_ratio=1.0)
+
+
 def test_noisy_graphs_enter_only_through_the_denoising_term(batch):
     objective = MultiTaskObjective(ObjectiveConfig(balancing="none", denoising_weight=10.0), DATASETS)
     gen = torch.Generator().manual_seed(1)

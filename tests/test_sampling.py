@@ -183,3 +183,20 @@ def test_oversize_steps_are_spread_through_the_epoch_not_first():
     first_quarter = alone[: plan.steps // 4]
     assert 0.2 < first_quarter.mean() < 0.95  # a mix, not only oversize steps
     assert sorted(np.concatenate([plan.batch(s, 0) for s in range(plan.steps)]).tolist()) == list(range(400))
+
+
+def test_oversize_steps_keep_their_place_when_an_oversampled_dataset_repeats_structures():
+    # an oversampled dataset repeats its structures within an epoch; looking positions up by structure index
+    # kept only a repeat's last position, which held every later oversize step back to the epoch's end
+    from lampretrain.sampling.balanced import plan_epoch
+
+    rng = np.random.default_rng(1)
+    cost = np.where(np.arange(60) < 10, 150.0, 10.0)  # 10 oversize structures, 50 small
+    small = rng.choice(np.arange(10, 60), size=400)  # the small ones drawn 8× each: many repeats
+    order = rng.permutation(np.concatenate([np.arange(10), small]))
+    plan = plan_epoch(order, cost, 1, 100.0, 0.05, "warn")
+    alone = np.nonzero([cost[plan.batch(s, 0)].max() > 100.0 for s in range(plan.steps)])[0]
+    assert alone.size == 10
+    # spread through the epoch as in ``order`` (each oversize structure's position there), not bunched at the end
+    expected = np.sort(np.nonzero(np.isin(order, np.arange(10)))[0]) / order.size
+    assert np.abs(alone / plan.steps - expected).max() < 0.15

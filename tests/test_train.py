@@ -64,7 +64,8 @@ def store(tmp_path_factory) -> Path:
 
 def write_recipe(tmp_path: Path, store: Path, **sections) -> Path:
     recipe = yaml.safe_load((REPO / "recipes" / "demo-dpa4.yaml").read_text())
-    recipe["data"].update(store=str(store), budget=60, max_natoms=30, datasets=None)  # all of the test store's
+    recipe["data"].update(store=str(store), budget=60, max_natoms=30, datasets=None,  # all of the test store's
+                          sampling={"strategy": "temperature", "temperature": 2.0})
     recipe["model"]["options"] = {"channels": 8, "lmax": 1, "n_blocks": 1, "so2_layers": 1, "n_radial": 4, "cutoff": 5.0}
     recipe["model"]["heads"] = {"hidden": [8]}
     recipe["output"] = str(tmp_path / "run")

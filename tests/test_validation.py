@@ -109,7 +109,8 @@ def test_two_rank_validation_matches_direct_evaluation(store, tmp_path, engine):
     if engine["name"] == "deepspeed":
         pytest.importorskip("deepspeed")
     recipe = yaml.safe_load((REPO / "recipes" / "demo-dpa4.yaml").read_text())
-    recipe["data"].update(store=str(store), budget=40, max_natoms=MAX_NATOMS, datasets=None)
+    recipe["data"].update(store=str(store), budget=40, max_natoms=MAX_NATOMS, datasets=None,
+                          sampling={"strategy": "temperature", "temperature": 2.0})
     recipe["model"]["options"] = {"channels": 8, "lmax": 1, "n_blocks": 1, "so2_layers": 1, "n_radial": 4}
     recipe["model"]["heads"] = {"hidden": [8]}
     recipe["output"] = str(tmp_path / "run")

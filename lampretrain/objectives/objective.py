@@ -34,7 +34,8 @@ class ObjectiveConfig:
     magmom_weight: float = 0.1
     dataset_weights: dict[str, float] = field(default_factory=dict)  # name → multiplier, default 1
     balancing: str = "static"  # none | static | uncertainty (see objectives.balancing)
-    static_max_ratio: float = 10.0  # static: scales clamped within this factor of their median over datasets
+    static_max_ratio: float = 10.0  # static/uncertainty: scales clamped within this factor of their median over datasets
+    uncertainty_max_ratio: float | None = None  # uncertainty: weights stay within this factor of the static ones
     denoising_weight: float = 10.0  # λ_dn, deepmd-kit DPA4 dens default
     energy_on_noisy: bool = False
 
@@ -46,6 +47,8 @@ class ObjectiveConfig:
                 raise ValueError(f"objective.{f} must be ≥ 0, got {getattr(self, f)}")
         if not self.static_max_ratio >= 1:
             raise ValueError(f"objective.static_max_ratio must be ≥ 1, got {self.static_max_ratio}")
+        if self.uncertainty_max_ratio is not None and not self.uncertainty_max_ratio > 1:
+            raise ValueError(f"objective.uncertainty_max_ratio must be > 1 (or null), got {self.uncertainty_max_ratio}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveConfig":
@@ -72,7 +75,8 @@ class MultiTaskObjective(torch.nn.Module):
         per_dataset = torch.tensor([float(config.dataset_weights.get(n, 1.0)) for n in self.names])
         scales = torch.tensor([[d.energy_rms, d.force_rms, 1.0, 1.0] for d in datasets], dtype=torch.float64)
         self.balancer = LossBalancer(
-            config.balancing, per_dataset[:, None] * task[None, :], scales.float(), config.static_max_ratio
+            config.balancing, per_dataset[:, None] * task[None, :], scales.float(), config.static_max_ratio,
+            config.uncertainty_max_ratio,
         )
         self.active_tasks = [t for t, w in enumerate(task.tolist()) if w > 0]  # fixed by the config, not by data
         self.register_buffer("active", (task > 0)[None, :].expand(len(self.names), -1).clone())

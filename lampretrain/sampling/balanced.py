@@ -104,6 +104,9 @@ def plan_epoch(
             f"({too_big.size} such structures); raise the budget or use oversize='warn'"
         )
     stream = order[~big]
+    at = np.append(np.nonzero(~big)[0], order.size)  # position in ``order`` of each stream item
+    big_at = np.nonzero(big)[0][::R]  # position in ``order`` of each oversize step's first structure
+    starts: list[int] = []
     csum = np.concatenate([[0.0], np.cumsum(cost[stream])])
     big_steps = [[[int(x)] for x in too_big[k : k + R]] for k in range(0, too_big.size - too_big.size % R, R)]
     steps: list[list[list[int]]] = []
@@ -116,6 +119,7 @@ def plan_epoch(
             break
         end = int(np.searchsorted(csum, csum[pos] + R * budget - cost[deferred].sum(), side="left"))
         end = min(max(end, pos), n)
+        starts.append(int(at[pos]))
         pool = np.concatenate([deferred, stream[pos:end]])
         pos = end
         bins: list[list[int]] = [[] for _ in range(R)]
@@ -135,7 +139,7 @@ def plan_epoch(
                 misses += 1
         deferred = np.array(rejected, dtype=np.int64)
         steps.append(bins)
-    steps = _interleave(steps, big_steps, order)
+    steps = _interleave(steps, starts, big_steps, big_at[: len(big_steps)])
     tail = np.concatenate([deferred, stream[pos:]])
     padded = 0
     if tail.size or leftover_big:
@@ -153,26 +157,21 @@ def plan_epoch(
     return _pack(steps, cost, R, padded, too_big)
 
 
-def _interleave(packed: list[list[list[int]]], big: list[list[list[int]]], order: np.ndarray) -> list[list[list[int]]]:
-    """Oversize steps merged into the packed ones where their structures fall in the shuffled ``order``.
+def _interleave(
+    packed: list[list[list[int]]], starts: Sequence[int], big: list[list[list[int]]], big_starts: Sequence[int]
+) -> list[list[list[int]]]:
+    """Oversize steps merged into the packed ones where their structures fall in the shuffled order.
 
     Putting them all first would give a short run nothing but the oversize structures
-    (often one or two datasets) and the rest of the epoch only after them. The packed
-    steps keep their order; an oversize step goes before the first packed step that
-    starts later in ``order``.
+    (often one or two datasets) and the rest of the epoch only after them. Positions are
+    those in the epoch's order (``starts``: where each packed step began taking new
+    structures), not looked up by structure index: an oversampled dataset repeats
+    structures within an epoch, and a repeat's later position would hold back every
+    oversize step behind it.
     """
-    if not big:
-        return packed
-    where = np.empty(int(order.max()) + 1, dtype=np.int64)
-    where[order] = np.arange(order.size)
-
-    def first(step: list[list[int]]) -> int:
-        return min((int(where[x]) for b in step for x in b), default=order.size)
-
     merged, k = [], 0
-    for step in packed:
-        start = first(step)
-        while k < len(big) and first(big[k]) < start:
+    for step, start in zip(packed, starts):
+        while k < len(big) and big_starts[k] < start:
             merged.append(big[k])
             k += 1
         merged.append(step)

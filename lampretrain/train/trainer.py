@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,24 @@ def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> M
     return MultiTaskModel(config)
 
 
+def _check_cutoffs(model: MultiTaskModel, data: TrainData, recipe: Recipe) -> None:
+    """Warn when the loader's graphs (built at the store's cutoffs) are not the model's: inference builds them at
+    the model's, so a model trained on other graphs is evaluated on graphs it never saw."""
+    from ..inference.loading import graph_cutoffs
+
+    index = getattr(data, "index", None)  # fine-tuning mixes stores (finetune.run.MixedData)
+    if index is None:
+        return
+    pair, three_body = graph_cutoffs(model)
+    store = (index.cutoff, index.three_body_cutoff)
+    if abs(pair - store[0]) > 1e-9 or (three_body and abs(three_body - store[1]) > 1e-9):
+        warnings.warn(
+            f"data.store {recipe.data.store} was prepared with cutoffs {store[0]:g}/{store[1]:g} Å (pair/three-body) "
+            f"but model {recipe.model.name} uses {pair:g}/{three_body:g} Å: training graphs follow the store, "
+            f"inference the model. Set model.options cutoff/three_body_cutoff to the store's, or prepare the store "
+            f"with the model's (cutoff, three_body_cutoff in the prep spec)", stacklevel=2)
+
+
 def _autocast(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     if recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda"):
         if device.type != "cuda":
@@ -250,6 +269,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     torch.manual_seed(tr.seed)  # same initial weights on every rank (DDP also broadcasts them)
     data = hooks.build_data(recipe, ctx.rank, ctx.world_size)
     model = hooks.build_model(recipe, data)
+    _check_cutoffs(model, data, recipe)
     objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
     o = recipe.optim
 

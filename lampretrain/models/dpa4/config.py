@@ -27,7 +27,8 @@ class DPA4Config:
     env_seed: bool = True
     random_roll: bool = True  # random roll of every edge frame about its axis, in training
     autocast_bf16: bool = False  # bf16 autocast inside the interaction blocks only
-    checkpoint_so2: bool = True  # recompute the per-edge SO(2) stacks in the backward pass (eager only)
+    edge_chunk: int = 4096  # edges per chunk of the per-edge message pipeline, 0 → all edges at once
+    recompute_edges: bool = True  # keep only each chunk's inputs; recompute its messages in (double) backward
     focus_temperature: float = 1.0
     focus_smoothing: float = 0.02
 
@@ -62,6 +63,8 @@ def configure(base: DPA4Config, **overrides) -> DPA4Config:
     cfg = replace(base, **overrides)
     if cfg.so2_layers < 1 or cfg.n_blocks < 1 or cfg.n_focus < 1 or cfg.rank < 1:
         raise ValueError("DPA4 needs n_blocks, so2_layers, n_focus and rank ≥ 1")
+    if cfg.edge_chunk < 0:
+        raise ValueError(f"DPA4 needs edge_chunk ≥ 0 (0: no chunking), got {cfg.edge_chunk}")
     if not 1 <= cfg.mmax <= cfg.lmax:
         raise ValueError(f"DPA4 needs 1 ≤ mmax ≤ lmax, got mmax={cfg.mmax}, lmax={cfg.lmax}")
     return cfg

@@ -5,17 +5,25 @@ Per edge j → i: pre-mix, rotate the source features into the edge frame keepin
 features, (A2) F parallel "focus" stacks of residual SO(2) layers with gates and a softmax
 competition between them, rotate back, (A3) envelope-gated attention over neighbours
 with a null term, then a zero-initialised post-mix (the block starts as the identity).
+
+Everything per edge (rotation in, A1, A2, rotation back, scatter to the centre atom) runs
+in chunks of ``edge_chunk`` edges, each recomputed in the backward pass: only the chunk's
+inputs are kept, never an (E, rows, H) activation, and a chunk's tensors stay cache- and
+allocator-sized. Training recomputes in the double backward too (``layers.recompute``), so
+a force loss needs one chunk's second-order graph at a time.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.equivariant_norm import RMSNorm
+from ..layers.recompute import recompute
 from ..layers.scatter import scatter_max, scatter_sum
 from ..layers.so2 import SO2Linear
 from ..layers.so3_linear import SO3Linear
@@ -51,14 +59,15 @@ class LowRankEdgeProduct(nn.Module):
         self.kernel = _trunc_normal(fan_in, fan_out, std=1 / math.sqrt(fan_in + fan_out))
         self.channel_mix = _trunc_normal(r, h, std=1 / math.sqrt(r + h))
 
-    def forward(self, xp: torch.Tensor, geo: EdgeCache, rho: torch.Tensor) -> list[torch.Tensor]:
-        """xp (N, D, H) node features, rho (E, L+1, H) → per |m| part (E, rows_m, H) in the edge frame."""
+    def forward(self, xp: torch.Tensor, src: torch.Tensor, to_local: list[torch.Tensor], rho: torch.Tensor) -> list[torch.Tensor]:
+        """xp (N, D, H) node features, source atoms src (E,), rotation rows per |m| (E, rows_m, D),
+        rho (E, L+1, H) → per |m| part (E, rows_m, H) in the edge frame."""
         n_edges = rho.shape[0]
         scaled = (xp[:, None] * self.channel_mix[:, None, :].to(xp.dtype)).flatten(1, 2)  # (N, R·D, H)
-        source = scaled.index_select(0, geo.src)  # (E, R·D, H)
+        source = scaled.index_select(0, src)  # (E, R·D, H)
         kernel = rho.flatten(1) @ self.kernel  # (E, K_deg·R)
         parts, col = [], 0
-        for m, (n, rotation) in enumerate(zip(self.block_sizes, geo.to_local)):
+        for m, (n, rotation) in enumerate(zip(self.block_sizes, to_local)):
             k = kernel[:, col : col + n * n * self.rank].unflatten(1, (self.rank, n, n))  # (E, R, n, n)
             col += n * n * self.rank
             rows = rotation.unflatten(1, (1 if m == 0 else 2, n)).to(k.dtype)  # (E, ±, n, D)
@@ -119,37 +128,81 @@ class EMFAConvolution(nn.Module):
 
     def forward(self, h: torch.Tensor, geo: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
         """h (N, D, C), radial (E, L+1, C) with edge type features → (N, D, C)."""
-        cfg = self.cfg
-        f, cf = cfg.n_focus, cfg.focus_channels
-        n_edges = geo.src.shape[0]
+        f, cf = self.cfg.n_focus, self.cfg.focus_channels
         xp = self.pre_mix(h)  # (N, D, H)
         rho = radial if self.lift is None else self.lift(radial)  # (E, L+1, H)
-        local = self.edge_product(xp, geo, rho)  # per |m|: (E, rows_m, H)
-        # focus-major parts (F, E, rows_m·C_f); a view when F = 1
-        x = [p.unflatten(-1, (f, cf)).permute(2, 0, 1, 3).reshape(f, n_edges, -1) for p in local]
-        entry_scalar = x[0][..., :cf]  # (F, E, C_f)
-        if cfg.checkpoint_so2 and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # store only the stack's input; its ~2 (E, D_M, H) tensors per layer are recomputed in the backward
-            x = list(checkpoint(self.focus_stacks, *x, use_reentrant=False))
-        else:
-            x = self.focus_stacks(*x)
         weight, out_gate = self.attention(xp[:, 0], geo, radial[:, 0])  # (E, F), (N, F)
-        if f > 1:
-            logits = (self.focus_norm(entry_scalar) * self.focus_logit[:, None, :]).sum(-1) / cfg.focus_temperature
-            alpha = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0) * (1 - cfg.focus_smoothing) + cfg.focus_smoothing / f
-            scale = (alpha * weight.T)[:, :, None].to(x[0].dtype)  # (F, E, 1)
-            x = [p * scale for p in x]
-            to_global = geo.to_global
-        else:
-            # one focus: the per-edge attention weight folds into the (E, D, rows) rotation, far smaller than x
-            to_global = [g * weight[:, :, None].to(g.dtype) for g in geo.to_global]
-        msg = None  # Σ_m (E, D, rows_m) @ (E, rows_m, H) → (E, D, H)
-        for g, p in zip(to_global, x):
-            p = p.unflatten(-1, (-1, cf)).permute(1, 2, 0, 3).flatten(2)  # (E, rows_m, H)
-            g = g.to(p.dtype)
-            msg = torch.bmm(g, p) if msg is None else torch.baddbmm(msg, g, p)
-        agg = scatter_sum(msg, geo.dst, geo.n_nodes).unflatten(-1, (f, cf)) * out_gate[:, None, :, None].to(msg.dtype)
-        return self.post_mix(agg.flatten(2))
+        agg = self.edge_messages(xp, rho, weight, geo).unflatten(-1, (f, cf))  # (N, D, F, C_f)
+        return self.post_mix((agg * out_gate[:, None, :, None].to(agg.dtype)).flatten(2))
+
+    def edge_messages(self, xp: torch.Tensor, rho: torch.Tensor, weight: torch.Tensor, geo: EdgeCache) -> torch.Tensor:
+        """Σ_j of the rotated-back, attention-weighted messages, (N, D, H), chunk by chunk over the edges."""
+        device = xp.device.type
+        amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        n_edges = geo.src.shape[0]
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or isinstance(n_edges, torch.SymInt):
+            # one chunk: a Python loop over edges would fix the edge count in a traced graph
+            return self.chunk_messages(geo.src, geo.dst, geo.n_nodes, amp, xp, rho, weight, *geo.to_local, *geo.to_global)[0]
+        size = self.cfg.edge_chunk or max(n_edges, 1)
+        params = self.edge_parameters()
+        mode = "plain"
+        if torch.is_grad_enabled() and self.cfg.recompute_edges:
+            mode = "twice" if self.training else "once"
+        # split, not slices: one backward node concatenates the chunk gradients instead of zero-padding each
+        per_edge = [t.split(size) for t in (geo.src, geo.dst, rho, weight, *geo.to_local, *geo.to_global)]
+        total = None
+        for src, dst, *edge_inputs in zip(*per_edge):
+            fn = partial(self.chunk_messages, src, dst, geo.n_nodes, amp)
+            inputs = (xp, *edge_inputs)
+            if mode == "twice":  # a force loss differentiates the backward again: recompute there too
+                (out,) = recompute(fn, inputs, params)
+            elif mode == "once":
+                (out,) = checkpoint(fn, *inputs, use_reentrant=False)
+            else:
+                (out,) = fn(*inputs)
+            total = out if total is None else total + out
+        return total
+
+    def edge_parameters(self) -> list[nn.Parameter]:
+        """Every parameter :meth:`chunk_messages` reads (``recompute`` must be told them)."""
+        modules = [self.edge_product, self.so2, self.gates] + ([self.focus_norm] if self.cfg.n_focus > 1 else [])
+        params = [p for module in modules for p in module.parameters()]
+        return params + ([self.focus_logit] if self.cfg.n_focus > 1 else [])
+
+    def chunk_messages(
+        self, src: torch.Tensor, dst: torch.Tensor, n_nodes: int, amp: tuple[bool, torch.dtype],
+        xp: torch.Tensor, rho: torch.Tensor, weight: torch.Tensor, *rotations: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        """One chunk of edges: (A1) → (A2) → focus competition → attention weight → rotate back → Σ_j, (N, D, H).
+
+        ``rotations`` are the chunk's to_local parts then its to_global parts; ``amp`` is the
+        autocast state of the forward pass, restored when the backward pass recomputes.
+        """
+        cfg = self.cfg
+        f, cf = cfg.n_focus, cfg.focus_channels
+        n_parts = len(rotations) // 2
+        to_local, to_global = list(rotations[:n_parts]), list(rotations[n_parts:])
+        n_edges = src.shape[0]
+        with torch.autocast(xp.device.type, dtype=amp[1], enabled=amp[0]):
+            local = self.edge_product(xp, src, to_local, rho)  # per |m|: (E, rows_m, H)
+            # focus-major parts (F, E, rows_m·C_f); a view when F = 1
+            x = [p.unflatten(-1, (f, cf)).permute(2, 0, 1, 3).reshape(f, n_edges, -1) for p in local]
+            entry_scalar = x[0][..., :cf]  # (F, E, C_f)
+            x = self.focus_stacks(*x)
+            if f > 1:
+                logits = (self.focus_norm(entry_scalar) * self.focus_logit[:, None, :]).sum(-1) / cfg.focus_temperature
+                alpha = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0) * (1 - cfg.focus_smoothing) + cfg.focus_smoothing / f
+                scale = (alpha * weight.T)[:, :, None].to(x[0].dtype)  # (F, E, 1)
+                x = [p * scale for p in x]
+            else:
+                # one focus: the per-edge attention weight folds into the (E, D, rows) rotation, far smaller than x
+                to_global = [g * weight[:, :, None].to(g.dtype) for g in to_global]
+            msg = None  # Σ_m (E, D, rows_m) @ (E, rows_m, H) → (E, D, H)
+            for g, p in zip(to_global, x):
+                p = p.unflatten(-1, (-1, cf)).permute(1, 2, 0, 3).flatten(2)  # (E, rows_m, H)
+                g = g.to(p.dtype)
+                msg = torch.bmm(g, p) if msg is None else torch.baddbmm(msg, g, p)
+            return (scatter_sum(msg, dst, n_nodes),)
 
     def focus_stacks(self, *x: torch.Tensor) -> list[torch.Tensor]:
         """(A2a) S residual gated SO(2) layers on the |m| parts (F, E, rows_m·C_f) → same shapes."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .norms import make_norm
+from .scatter import Segments, gather
 
 
 class MLP(torch.nn.Module):
@@ -56,38 +57,36 @@ class GatedMLP(torch.nn.Module):
         start = self.offsets[part]
         return self.first.weight[:, start : start + self.part_dims[part]]
 
-    def project(self, part: int, x: torch.Tensor) -> torch.Tensor:
-        """W_k x_k for input part ``part`` without the bias: (M, d_k) → (M, 2·hidden)."""
-        return x @ self.part_weight(part).t()
+    def project(self, part: int, x: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """W_k x_k (+ b with ``bias``) for input part ``part``: (M, d_k) → (M, 2·hidden).
+
+        The first layer's bias belongs in exactly one of the summed parts; callers put it
+        on a per-node part, so that it is added once per node instead of once per edge.
+        """
+        return F.linear(x, self.part_weight(part), self.first.bias if bias else None)
 
     def head(self, pre: torch.Tensor) -> torch.Tensor:
-        """Everything after the first layer's product: (M, 2·hidden) summed projections → (M, out).
-
-        Adds the bias to ``pre`` in place (callers pass a temporary), saving an (M, 2·hidden) copy.
-        """
+        """Everything after the first layer: (M, 2·hidden) summed projections, bias included → (M, out)."""
         # split, not slicing: its backward is one concatenation instead of two zero-filled copies
-        z_core, z_gate = F.silu(pre.add_(self.first.bias)).split(self.hidden, dim=-1)
+        z_core, z_gate = F.silu(pre).split(self.hidden, dim=-1)
         core = self.core_norm(F.linear(z_core, self.core_out.weight, self.core_out.bias))
         gate = self.gate_norm(F.linear(z_gate, self.gate_out.weight, self.gate_out.bias))
         return F.silu(core) * torch.sigmoid(gate)
 
     def forward(self, *parts: torch.Tensor) -> torch.Tensor:
         """The MLP of the concatenated parts (all with the same leading size)."""
-        return self.head(F.linear(torch.cat(parts, dim=-1), self.first.weight))
+        return self.head(self.first(torch.cat(parts, dim=-1)))
 
 
-def gather_sum(terms: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-    """Σ_k P_k[index_k] (index None: P_k itself), accumulated in place into the first gathered term.
+def gather_sum(terms: Sequence[tuple[torch.Tensor, Segments]]) -> torch.Tensor:
+    """Σ_k P_k[index_k], accumulated in place into the first gathered term.
 
     With P_k = W_k x_k this is the first layer of an MLP over [x₁[i₁] ‖ x₂[i₂] ‖ …]
     without materialising the concatenation; gathered temporaries die at once.
-    Ungathered terms are only read, so they may be views.
+    A part that is already per edge joins with ``gather_sum(...).addmm_(x, W.t())``.
     """
-    gathered = [proj.index_select(0, index) for proj, index in terms if index is not None]
-    plain = [proj for proj, index in terms if index is None]
-    if not gathered:
-        return torch.stack(plain).sum(0)
-    total = gathered[0]
-    for part in gathered[1:] + plain:
-        total = total.add_(part)
+    (first, first_segments), *rest = terms
+    total = gather(first, first_segments)
+    for proj, segments in rest:
+        total = total.add_(gather(proj, segments))
     return total

@@ -22,17 +22,24 @@ from typing import Callable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
 
 Fn = Callable[..., tuple[torch.Tensor, ...]]
 
 
-def _vjp(fn: Fn, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], grads, create_graph: bool):
-    """Recompute ``fn(*inputs)`` and return (detached inputs, VJP w.r.t. inputs then params)."""
+def _vjp(fn: Fn, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor], grads, create_graph: bool,
+         wanted: Sequence[bool]):
+    """Recompute ``fn(*inputs)``; return (detached inputs, VJP w.r.t. inputs then params).
+
+    Only the entries flagged in ``wanted`` (one flag per input, then per param) are computed; the others are None.
+    """
     with torch.enable_grad():
         xs = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
         outs = fn(*xs)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wrt = [x for x in xs if x.requires_grad] + [p for p in params if p.requires_grad]
+        targets = [*xs, *params]
+        flags = [w and t.requires_grad for w, t in zip(wanted, targets)]
+        wrt = [t for t, f in zip(targets, flags) if f]
         if pairs and wrt:
             outs_, grads_ = zip(*pairs)
             result = torch.autograd.grad(
@@ -41,8 +48,16 @@ def _vjp(fn: Fn, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
         else:
             result = [torch.zeros_like(w) for w in wrt]
     it = iter(result)
-    full = [next(it) if x.requires_grad else None for x in xs] + [next(it) if p.requires_grad else None for p in params]
-    return xs, full
+    return xs, [next(it) if f else None for f in flags]
+
+
+def _will_need_grad(t: torch.Tensor) -> bool:
+    """Whether the backward pass now running will deliver a gradient to ``t`` (``autograd.grad`` with
+    ``inputs`` skips the parameters: the force pass of a force-trained model needs none)."""
+    try:
+        return torch._C._will_engine_execute_node(get_gradient_edge(t).node)
+    except RuntimeError:
+        return True
 
 
 class _Recompute(torch.autograd.Function):
@@ -60,26 +75,33 @@ class _Recompute(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]
         # inputs that need no gradient must not require one in the recomputation either
         inputs = [x if need else x.detach() for x, need in zip(args[:n], needs[:n])]
-        out = _RecomputeVJP.apply(ctx.fn, n, len(grads), *inputs, *args[n:], *grads)
+        params = args[n:]
+        wanted = tuple([True] * n + [p.requires_grad and _will_need_grad(p) for p in params])
+        out = _RecomputeVJP.apply(ctx.fn, n, len(grads), wanted, *inputs, *params, *grads)
         return (None, None, *out)
 
 
 class _RecomputeVJP(torch.autograd.Function):
-    """(inputs, params, output grads) → VJP w.r.t. inputs and params, recomputed in its own backward."""
+    """(inputs, params, output grads) → VJP w.r.t. inputs and params, recomputed in its own backward.
+
+    VJP entries not ``wanted`` by the running backward pass come back as zeros without being computed;
+    in the double backward only the entries that received a gradient are recomputed and differentiated.
+    """
 
     @staticmethod
-    def forward(ctx, fn: Fn, n_inputs: int, n_outputs: int, *args: torch.Tensor):
+    def forward(ctx, fn: Fn, n_inputs: int, n_outputs: int, wanted: tuple[bool, ...], *args: torch.Tensor):
         ctx.fn, ctx.n_inputs, ctx.n_outputs = fn, n_inputs, n_outputs
         ctx.save_for_backward(*args)
+        ctx.set_materialize_grads(False)
         n_params = len(args) - n_inputs - n_outputs
         inputs, params, grads = args[:n_inputs], args[n_inputs : n_inputs + n_params], args[n_inputs + n_params :]
         ctx.input_requires_grad = [x.requires_grad for x in inputs]
-        _, vjp = _vjp(fn, inputs, params, grads, create_graph=False)
+        _, vjp = _vjp(fn, inputs, params, grads, create_graph=False, wanted=wanted)
         return tuple(v if v is not None else torch.zeros_like(a) for v, a in zip(vjp, args[: n_inputs + n_params]))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *grad_vjp: torch.Tensor):
+    def backward(ctx, *grad_vjp: torch.Tensor | None):
         args = ctx.saved_tensors
         n, m = ctx.n_inputs, ctx.n_outputs
         n_params = len(args) - n - m
@@ -87,7 +109,8 @@ class _RecomputeVJP(torch.autograd.Function):
         with torch.enable_grad():
             inputs = [x.detach().requires_grad_(r) for x, r in zip(inputs, ctx.input_requires_grad)]
             gs = [g.detach().requires_grad_(True) for g in grads]
-            xs, vjp = _vjp(ctx.fn, inputs, params, gs, create_graph=True)
+            wanted = [g is not None for g in grad_vjp]
+            xs, vjp = _vjp(ctx.fn, inputs, params, gs, create_graph=True, wanted=wanted)
             pairs = [(v, g) for v, g in zip(vjp, grad_vjp) if v is not None and v.requires_grad and g is not None]
             wrt = [x for x in xs if x.requires_grad] + [p for p in params if p.requires_grad] + gs
             if pairs:
@@ -99,7 +122,7 @@ class _RecomputeVJP(torch.autograd.Function):
         full = [next(it) if x.requires_grad else None for x in xs]
         full += [next(it) if p.requires_grad else None for p in params]
         full += [next(it) for _ in gs]
-        return (None, None, None, *full)
+        return (None, None, None, None, *full)
 
 
 def recompute(fn: Fn, inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

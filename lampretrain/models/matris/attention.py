@@ -11,26 +11,30 @@ from __future__ import annotations
 import torch
 
 from ..layers.mlp import GatedMLP, gather_sum
-from ..layers.scatter import scatter_max, scatter_sum
+from ..layers.scatter import Segments, gather, segment_max, segment_sum
 from .topology import Topology
 
 
 def separable_aggregate(
-    message: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, source: torch.Tensor, num_nodes: int
+    message: torch.Tensor,
+    source_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    target: Segments,
+    source: Segments,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a^t_n = Σ_{tgt(d)=n} α^t_d ⊙ m_d and a^s_n = Σ_{src(d)=n} α^s_d ⊙ m_d.
 
-    ``logits`` (D, 2C) holds the source logits then the target logits; α^s and α^t
-    are per-channel segment softmaxes over sources and targets (spec §3.2 steps 3–4).
+    α^s and α^t are per-channel segment softmaxes of the (D, C) logits over sources and
+    targets (spec §3.2 steps 3–4); contiguous logits keep the segment max on its fast path.
     The softmax denominator is applied per node, Σ_d exp(s_d − max) m_d / Σ_d exp(s_d − max),
     which keeps one (D, C) tensor per softmax instead of three.
     """
-    source_logits, target_logits = logits.split(message.shape[1], dim=-1)
 
-    def aggregate(s: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        z = torch.exp(s - scatter_max(s, index, num_nodes).index_select(0, index))  # (D, C)
-        denom = scatter_sum(z, index, num_nodes)  # (n, C); 0 only where no edge arrives
-        total = scatter_sum(z * message, index, num_nodes)
+    def aggregate(s: torch.Tensor, nodes: Segments) -> torch.Tensor:
+        shift = segment_max(s, nodes).index_select(0, nodes.index)  # (D, C), no gradient
+        z = (s - shift).exp_()  # (D, C)
+        denom = segment_sum(z, nodes)  # (n, C); 0 only where no edge arrives
+        total = segment_sum(z * message, nodes)
         return total / torch.where(denom > 0, denom, torch.ones_like(denom))
 
     return aggregate(target_logits, target), aggregate(source_logits, source)
@@ -53,14 +57,15 @@ class AtomGraphAttention(SeparableAttention):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, topo: Topology) -> tuple[torch.Tensor, torch.Tensor]:
         mlp = self.edge_mlp
-        pre = gather_sum(
-            [(mlp.project(0, e), topo.bond), (mlp.project(1, h), topo.centre), (mlp.project(2, h), topo.neighbor)]
-        )  # (E, 2H)
+        bond_part = mlp.project(0, e, bias=True)
+        pre = gather_sum([(bond_part, topo.bond), (mlp.project(1, h), topo.centre), (mlp.project(2, h), topo.neighbor)])
         message = mlp.head(pre)  # (E, C_e)
-        logits = self.logits(e).index_select(0, topo.bond)  # (E, 2 C_e)
-        a_t, a_s = separable_aggregate(message, logits, topo.centre, topo.neighbor, topo.num_atoms)
+        source_logits, target_logits = self.logits(e).split(message.shape[1], dim=-1)  # (B, C_e) each
+        a_t, a_s = separable_aggregate(
+            message, gather(source_logits, topo.bond), gather(target_logits, topo.bond), topo.centre, topo.neighbor
+        )
         h_new = self.node_mlp(h, a_t, a_s) + self.node_scale * h
-        e_new = 0.5 * scatter_sum(message, topo.bond, topo.num_bonds) + self.edge_scale * e
+        e_new = 0.5 * segment_sum(message, topo.bond) + self.edge_scale * e
         return h_new, e_new
 
 
@@ -69,12 +74,12 @@ class LineGraphAttention(SeparableAttention):
 
     def forward(self, e: torch.Tensor, t: torch.Tensor, topo: Topology) -> tuple[torch.Tensor, torch.Tensor]:
         mlp = self.edge_mlp
-        # one product of t with [W_t-part of the message MLP; W_s; W_t]; per-bond projections are gathered
-        weight = torch.cat([mlp.part_weight(0), self.logits.weight])  # (2H + 2C_t, C_t)
-        own, logits = (t @ weight.t()).split([weight.shape[0] - 2 * t.shape[1], 2 * t.shape[1]], dim=-1)
-        pre = gather_sum([(own, None), (mlp.project(1, e), topo.angle_target), (mlp.project(2, e), topo.angle_source)])
+        target_part = mlp.project(1, e, bias=True)
+        pre = gather_sum([(target_part, topo.angle_target), (mlp.project(2, e), topo.angle_source)])
+        pre = pre.addmm_(t, mlp.part_weight(0).t())  # (A, 2H): the angle's own part accumulates in the product
         message = mlp.head(pre)  # (A, C_t)
-        a_t, a_s = separable_aggregate(message, logits, topo.angle_target, topo.angle_source, topo.num_bonds)
+        w_s, w_t = self.logits.weight.split(t.shape[1])
+        a_t, a_s = separable_aggregate(message, t @ w_s.t(), t @ w_t.t(), topo.angle_target, topo.angle_source)
         e_new = self.node_mlp(e, a_t, a_s) + self.node_scale * e
         t_new = torch.addcmul(message, self.edge_scale, t)
         return e_new, t_new

@@ -25,9 +25,11 @@ class MatRISConfig:
     norm: str = "layer"
     num_elements: int = 94
     smoothed_edge_delta: bool = True  # atom-graph refinement updates bonds from envelope-weighted messages
-    # recompute line-graph layers (also in the force graph, layers/recompute.py) when a batch has more
-    # angles; None: never. 60000 is the official value; 0 fits a 27k-angle training step in ~2.5 GB
-    checkpoint_angles: int | None = 60000
+    # training only: recompute line-graph layers (also in the force graph, layers/recompute.py) when a batch
+    # has more angles; None: never. Otherwise each block keeps ~55 kB per angle for the double backward:
+    # 4096 keeps a 10-layer step within ~4 GB (27k angles recomputed: ~2.5 GB; not: ~15 GB). Recomputing
+    # costs ~1.6x the step time; the official threshold, 60000, suits an 80 GB GPU.
+    checkpoint_angles: int | None = 4096
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:

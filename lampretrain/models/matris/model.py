@@ -50,9 +50,15 @@ class MatRIS(torch.nn.Module):
         e, rbf_pair, rbf_3b = self.bond_embedding(length[topo.bond_edge])  # (B, C_b), (B, R), (B, R)
         t = self.angle_embedding(unit[e1], unit[e2])  # (A, C_t)
         limit = self.config.checkpoint_angles
-        # under symbolic tracing (export) the angle count is a free symbol: branching on it would fix its range,
-        # so a traced program never recomputes; eager sizes are ints and compare as usual
-        recompute = limit is not None and torch.is_grad_enabled() and statically_known_true(topo.num_angles > limit)
+        # training only: inference keeps its single-backward force graph, recomputing would cost time for memory
+        # it can spare. Under symbolic tracing (export) the angle count is a free symbol: branching on it would
+        # fix its range, so a traced program never recomputes; eager sizes are ints and compare as usual
+        recompute = (
+            limit is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and statically_known_true(topo.num_angles > limit)
+        )
         for block in self.blocks:
             h, e, t = block(h, e, t, rbf_pair, rbf_3b, topo, recompute)
         return self.readout_norm(h)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.mlp import MLP, GatedMLP, gather_sum
-from ..layers.scatter import scatter_sum
+from ..layers.scatter import gather, segment_sum
 from .topology import Topology
 
 
@@ -31,14 +31,13 @@ class AtomGraphRefinement(torch.nn.Module):
         self, h: torch.Tensor, e: torch.Tensor, rbf_pair: torch.Tensor, topo: Topology
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mlp = self.edge_mlp
-        pre = gather_sum(
-            [(mlp.project(0, e), topo.bond), (mlp.project(1, h), topo.centre), (mlp.project(2, h), topo.neighbor)]
-        )  # (E, 2H)
+        bond_part = mlp.project(0, e, bias=True)
+        pre = gather_sum([(bond_part, topo.bond), (mlp.project(1, h), topo.centre), (mlp.project(2, h), topo.neighbor)])
         g = mlp.head(pre)  # (E, C_e)
-        smooth = g * self.envelope(rbf_pair).index_select(0, topo.bond)
-        h_new = self.node_ffn(scatter_sum(smooth, topo.centre, topo.num_atoms)) + self.node_scale * h
+        smooth = g * gather(self.envelope(rbf_pair), topo.bond)
+        h_new = self.node_ffn(segment_sum(smooth, topo.centre)) + self.node_scale * h
         delta = self.edge_ffn(smooth if self.smoothed_edge_delta else g)
-        e_new = 0.5 * scatter_sum(delta, topo.bond, topo.num_bonds) + self.edge_scale * e
+        e_new = 0.5 * segment_sum(delta, topo.bond) + self.edge_scale * e
         return h_new, e_new
 
 
@@ -63,14 +62,14 @@ class LineGraphRefinement(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mlp = self.edge_mlp
         # the centre atom and the target bond both follow from e₁: fold them per directed edge first
-        per_edge = gather_sum([(mlp.project(1, h), topo.centre), (mlp.project(2, e), topo.bond)])  # (E, 2H)
-        pre = gather_sum(
-            [(mlp.project(0, t), None), (per_edge, topo.angle_edge1), (mlp.project(3, e), topo.angle_source)]
-        )  # (A, 2H)
+        centre_part = mlp.project(1, h, bias=True)
+        per_edge = gather_sum([(centre_part, topo.centre), (mlp.project(2, e), topo.bond)])  # (E, 2H)
+        pre = gather_sum([(per_edge, topo.angle_edge1), (mlp.project(3, e), topo.angle_source)])
+        pre = pre.addmm_(t, mlp.part_weight(0).t())  # (A, 2H)
         g = mlp.head(pre)  # (A, C_t)
         b = self.envelope(rbf_3b)  # (B, C_t)
         # b_tgt is constant over each target's angles: apply it after the sum, per bond
-        summed = b * scatter_sum(g * b.index_select(0, topo.angle_source), topo.angle_target, topo.num_bonds)
+        summed = b * segment_sum(g * gather(b, topo.angle_source), topo.angle_target)
         e_new = torch.addcmul(self.node_ffn(summed), self.node_scale, e)
         t_new = torch.addcmul(self.edge_ffn(g), self.edge_scale, t)
         return e_new, t_new

@@ -12,24 +12,24 @@ from dataclasses import dataclass
 import torch
 
 from ...graph.batch import GraphBatch
+from ..layers.scatter import Segments
 
 
 @dataclass
 class Topology:
-    centre: torch.Tensor  # (E,) atom i of each directed edge i→j (attention target)
-    neighbor: torch.Tensor  # (E,) atom j (attention source)
-    bond: torch.Tensor  # (E,) undirected bond of each directed edge
+    """Every many-to-one map is a :class:`Segments`: gathered along it and summed back over it many times per step."""
+
+    centre: Segments  # (E,) → atoms: atom i of each directed edge i→j (attention target)
+    neighbor: Segments  # (E,) → atoms: atom j (attention source)
+    bond: Segments  # (E,) → bonds: undirected bond of each directed edge
     bond_edge: torch.Tensor  # (B,) one directed edge of each bond
-    angle_edge1: torch.Tensor  # (A,) directed edge e₁ (target side)
-    angle_target: torch.Tensor  # (A,) bond(e₁)
-    angle_source: torch.Tensor  # (A,) bond(e₂)
-    # sizes stay as given (SymInt under symbolic tracing): int() would fix them to the traced values
-    num_atoms: int
-    num_bonds: int
+    angle_edge1: Segments  # (A,) → edges: directed edge e₁ (target side)
+    angle_target: Segments  # (A,) → bonds: bond(e₁)
+    angle_source: Segments  # (A,) → bonds: bond(e₂)
 
     @property
     def num_angles(self) -> int:
-        return self.angle_target.shape[0]
+        return self.angle_target.index.shape[0]
 
 
 def topology(batch: GraphBatch) -> Topology:
@@ -40,14 +40,14 @@ def topology(batch: GraphBatch) -> Topology:
     rank = torch.cumsum(lower.long(), 0) - 1
     bond = rank[torch.minimum(ids, reverse)]
     e1, e2 = batch.angle_index
+    # sizes stay as given (SymInt under symbolic tracing): int() would fix them to the traced values
+    num_atoms, num_bonds = batch.positions.shape[0], reverse.shape[0] // 2
     return Topology(
-        centre=batch.edge_index[0],
-        neighbor=batch.edge_index[1],
-        bond=bond,
+        centre=Segments(batch.edge_index[0], num_atoms),
+        neighbor=Segments(batch.edge_index[1], num_atoms),
+        bond=Segments(bond, num_bonds),
         bond_edge=ids[lower],
-        angle_edge1=e1,
-        angle_target=bond[e1],
-        angle_source=bond[e2],
-        num_atoms=batch.positions.shape[0],
-        num_bonds=reverse.shape[0] // 2,
+        angle_edge1=Segments(e1, reverse.shape[0]),
+        angle_target=Segments(bond[e1], num_bonds),
+        angle_source=Segments(bond[e2], num_bonds),
     )

@@ -76,8 +76,9 @@ def measured(windows: list[tuple[int, dict[str, float]]], warmup: int) -> dict[s
     }
 
 
-def trainer_step(recipe, warmup: int) -> dict[str, float]:
-    """Run ``pretrain`` on ``recipe`` and combine its metric windows after ``warmup`` steps (:func:`measured`)."""
+def trainer_step(recipe, warmup: int) -> dict[str, float] | None:
+    """Run ``pretrain`` on ``recipe`` and combine its metric windows after ``warmup`` steps (:func:`measured`);
+    None on ranks other than 0, which log no windows."""
     from lampretrain.train import pretrain
     from lampretrain.train.trainer import TrainHooks
 
@@ -90,7 +91,7 @@ def trainer_step(recipe, warmup: int) -> dict[str, float]:
 
     hooks = Windows()
     pretrain(recipe, hooks=hooks)
-    return measured(hooks.seen, warmup)
+    return measured(hooks.seen, warmup) if hooks.seen else None
 
 
 def worker(recipe_path: str, result_path: str, warmup: int) -> None:

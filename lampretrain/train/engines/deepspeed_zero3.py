@@ -46,7 +46,8 @@ from .deepspeed import DeepSpeedEngineAdapter
 
 
 class _AtBackwardEnd(torch.autograd.Function):
-    """Identity on a model output; its backward queues ``fn`` to run when the whole backward pass ends."""
+    """Identity on a model output whose backward calls ``fn`` (here: queue the gradient reduce-scatter for the end of
+    the backward pass)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, fn: Callable[[], None]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared by the fine-tuning, property-head and sweep tests: real fixture paths, small stores, a tiny MatRIS recipe."""
+"""Shared by the training, validation, fine-tuning, property-head and sweep tests: real fixture paths, small stores,
+a tiny MatRIS recipe."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ OXIDES = REAL / "fairchem_oxides_asedb/oxides.db"
 SMALL_GRAPHS = {"cutoff": 4.0, "three_body_cutoff": 3.0}
 
 
-def make_store(out: Path, sources: list[dict]) -> Path:
-    spec = from_dict(PrepSpec, {"name": out.name, "output": str(out), "sources": sources, "split": {"val": 0.2},
-                                "shard_size_mb": 1, **SMALL_GRAPHS})
+def make_store(out: Path, sources: list[dict], val: float = 0.2, graphs: dict | None = None) -> Path:
+    """``sources`` prepared into a store at ``out`` (``graphs``: prep cutoffs, default :data:`SMALL_GRAPHS`)."""
+    graphs = SMALL_GRAPHS if graphs is None else graphs
+    spec = from_dict(PrepSpec, {"name": out.name, "output": str(out), "sources": sources, "split": {"val": val},
+                                "shard_size_mb": 1, **graphs})
     prepare(spec, workers=1, progress=False)
     return out
 

@@ -41,25 +41,14 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELE
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from lampretrain.prep.pipeline import prepare
-    from lampretrain.prep.spec import PrepSpec
-    from lampretrain.config import from_dict
+    from finetune_support import make_store
 
-    out = tmp_path_factory.mktemp("store")
-    spec = from_dict(PrepSpec, {
-        "name": "train-test",
-        "output": str(out),
-        "sources": [
-            {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
-            {"path": str(REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"), "dataset": "mp_r2scan"},
-            {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
-            {"path": str(REAL / "ani1x_hdf5/ani1_n5.hdf5"), "dataset": "ani1x"},
-        ],
-        "split": {"val": 0.1},
-        "shard_size_mb": 1,
-    })
-    prepare(spec, workers=1, progress=False)
-    return out
+    return make_store(tmp_path_factory.mktemp("store"), [
+        {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
+        {"path": str(REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"), "dataset": "mp_r2scan"},
+        {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
+        {"path": str(REAL / "ani1x_hdf5/ani1_n5.hdf5"), "dataset": "ani1x"},
+    ], val=0.1, graphs={})
 
 
 def write_recipe(tmp_path: Path, store: Path, **sections) -> Path:

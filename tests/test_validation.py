@@ -37,23 +37,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from lampretrain.config import from_dict
-    from lampretrain.prep.pipeline import prepare
-    from lampretrain.prep.spec import PrepSpec
+    from finetune_support import make_store
 
-    out = tmp_path_factory.mktemp("store")
-    spec = from_dict(PrepSpec, {
-        "name": "validation-test",
-        "output": str(out),
-        "sources": [
-            {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
-            {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
-        ],
-        "split": {"val": 0.25},
-        "shard_size_mb": 1,
-    })
-    prepare(spec, workers=1, progress=False)
-    return out
+    return make_store(tmp_path_factory.mktemp("store"), [
+        {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
+        {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
+    ], val=0.25, graphs={})
 
 
 def test_error_sums_by_hand():

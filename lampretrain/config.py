@@ -155,4 +155,8 @@ def _keys(cls: type) -> str:
 
 
 def _name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_name(option) for option in get_args(tp))
+    if get_origin(tp) is Literal:
+        return " | ".join(map(repr, get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -149,10 +149,16 @@ class TrainSection:
     log_every: int = 10
     eval_every: int | None = None  # validate on the store's val split every N steps and at the end (None: never)
     progress: bool = True  # a progress bar on rank 0
+    # glibc's mmap threshold in MiB, or auto (4 with a line graph, as MatRIS has; glibc's default otherwise) or
+    # null (glibc's default): see lampretrain/malloc.py
+    malloc_mmap_threshold_mb: float | Literal["auto"] | None = "auto"
 
     def check(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
             raise ConfigError("steps and grad_accum must be >= 1")
+        if isinstance(self.malloc_mmap_threshold_mb, float) and not 0 < self.malloc_mmap_threshold_mb <= 32:
+            raise ConfigError(f"train.malloc_mmap_threshold_mb: glibc takes 0 < MiB <= 32, got "
+                              f"{self.malloc_mmap_threshold_mb} (auto or null for the defaults)")
         if self.eval_every is not None and self.eval_every < 1:
             raise ConfigError(f"eval_every: must be >= 1 (or null for no validation), got {self.eval_every}")
 

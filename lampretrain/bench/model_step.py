@@ -45,9 +45,11 @@ import numpy as np
 import torch
 
 from lampretrain.bench.common import emit, peak_rss_mb, reset_peak_rss, skipped
+from lampretrain import malloc
 from lampretrain.bench import peers
 from lampretrain.frames import Frame
 from lampretrain.graph.batch import GraphBatch, collate
+from lampretrain.inference.loading import graph_cutoffs
 from lampretrain.io import read_frames
 from lampretrain.models import build
 
@@ -78,8 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-fit", action="store_true",
                    help="CUDA: also find the largest supercell of the first structure whose step fits in memory")
     p.add_argument("--max-repeat", type=int, default=40, help="--max-fit searches repeats up to N×N×N")
+    p.add_argument("--malloc-mmap-threshold", default="auto", type=mmap_threshold, metavar="MB|auto|none",
+                   help="glibc mmap threshold for this process, as the trainer's train.malloc_mmap_threshold_mb "
+                   "(lampretrain/malloc.py; default: %(default)s)")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     return p.parse_args(argv)
+
+
+def mmap_threshold(value: str) -> float | str | None:
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    return float(value)
 
 
 def overrides(pairs: list[str]) -> dict:
@@ -92,11 +103,6 @@ def overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set expects KEY=VALUE, got '{pair}'")
         out[key] = yaml.safe_load(value)
     return out
-
-
-def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:
-    config = getattr(model, "config", None)
-    return float(getattr(config, "cutoff", 6.0)), float(getattr(config, "three_body_cutoff", 0.0))
 
 
 def under_autocast(step: Callable, device: str, autocast: torch.dtype | None) -> Callable:
@@ -312,6 +318,8 @@ def run(argv: list[str] | None = None) -> dict:
     dtype = torch.float32 if autocast else DTYPES[args.dtype]
     model = build(args.model, **overrides(args.set)).to(device=args.device, dtype=dtype)
     cutoff, three_body_cutoff = graph_cutoffs(model)
+    threshold = malloc.resolve(args.malloc_mmap_threshold, three_body_cutoff)
+    threshold = threshold if malloc.set_mmap_threshold(threshold) else None
     frames = [f.validate() for f in read_frames(args.structures)]
     deepmd = deepmd_line(args, model) if args.peers == "auto" and args.model.startswith("dpa4") else None
     batch = collate(frames, cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(args.device)
@@ -327,7 +335,7 @@ def run(argv: list[str] | None = None) -> dict:
     atoms = int(batch.n_atoms.sum())
     case = {"model": args.model, "n_structures": len(frames), "atoms": atoms, "edges": batch.num_edges,
             "angles": batch.num_angles, "mode": args.mode, "device": args.device, "dtype": args.dtype,
-            "compile": args.compile, "threads": torch.get_num_threads()}
+            "compile": args.compile, "threads": torch.get_num_threads(), "malloc_mmap_threshold_mb": threshold}
     results = []
     for name, m in measured.items():
         impl_params = params if name == "lampretrain" else sum(p.numel() for p in peer_models[name][0].parameters())

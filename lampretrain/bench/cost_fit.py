@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..io import read_frames
     from ..models import build
-    from ..inference.loading import graph_cutoffs
+    from ..models import graph_cutoffs
     from .scaling import TINY
 
     p = argparse.ArgumentParser(prog="lampretrain bench cost", description=__doc__.split("\n")[0])

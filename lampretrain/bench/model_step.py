@@ -49,9 +49,8 @@ from lampretrain import malloc
 from lampretrain.bench import peers
 from lampretrain.frames import Frame
 from lampretrain.graph.batch import GraphBatch, collate
-from lampretrain.inference.loading import graph_cutoffs
 from lampretrain.io import read_frames
-from lampretrain.models import build
+from lampretrain.models import build, graph_cutoffs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # bfloat16 runs as autocast over a float32 model: positions and cells in bfloat16 would lose ~0.05 Å

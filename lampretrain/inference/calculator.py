@@ -19,7 +19,8 @@ from ase.calculators.calculator import all_changes
 
 from ..frames import Frame
 from ..graph.batch import collate
-from .loading import graph_cutoffs, load_model
+from ..models import graph_cutoffs
+from .loading import load_model
 
 
 def voigt(stress: np.ndarray) -> np.ndarray:

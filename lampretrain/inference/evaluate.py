@@ -29,7 +29,7 @@ import torch
 
 from ..frames import Frame
 from ..graph.batch import collate
-from .loading import graph_cutoffs
+from ..models import graph_cutoffs
 
 EV_PER_A3_TO_GPA = 160.21766208
 QUANTITIES = {"energy": "meV/atom", "forces": "meV/Å", "stress": "GPa"}

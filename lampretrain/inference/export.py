@@ -38,7 +38,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from ..frames import Frame
 from ..graph.batch import GraphBatch, collate
-from .loading import graph_cutoffs
+from ..models import graph_cutoffs
 
 INPUTS = (
     "positions", "numbers", "batch", "cell", "pbc", "n_atoms",

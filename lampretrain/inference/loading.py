@@ -89,10 +89,3 @@ def load_model(path: str | Path, weights: str = "ema") -> MultiTaskModel:
         state.update(tensors["ema"])
     model.load_state_dict(state)
     return model.eval()
-
-
-def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:
-    """(pair cutoff, three-body cutoff) in Å that the model's graphs must be built with."""
-    backbone = getattr(model, "backbone", model)
-    config = getattr(backbone, "config", None)
-    return float(getattr(config, "cutoff", 6.0)), float(getattr(config, "three_body_cutoff", 0.0))

@@ -42,3 +42,10 @@ def build(name: str, **overrides) -> torch.nn.Module:
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(available())}")
     return _BUILDERS[name](**overrides)
+
+
+def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:
+    """(pair cutoff, three-body cutoff) in Å that the model's graphs must be built with."""
+    backbone = getattr(model, "backbone", model)
+    config = getattr(backbone, "config", None)
+    return float(getattr(config, "cutoff", 6.0)), float(getattr(config, "three_body_cutoff", 0.0))

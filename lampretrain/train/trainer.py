@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from .. import malloc
+from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..objectives import MultiTaskObjective
 from ..recipe import Recipe, recipe_dict
@@ -191,8 +193,6 @@ def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> M
 def _check_cutoffs(model: MultiTaskModel, data: TrainData, recipe: Recipe) -> None:
     """Warn when the loader's graphs (built at the store's cutoffs) are not the model's: inference builds them at
     the model's, so a model trained on other graphs is evaluated on graphs it never saw."""
-    from ..inference.loading import graph_cutoffs
-
     index = getattr(data, "index", None)  # fine-tuning mixes stores (finetune.run.MixedData)
     if index is None:
         return
@@ -270,6 +270,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     data = hooks.build_data(recipe, ctx.rank, ctx.world_size)
     model = hooks.build_model(recipe, data)
     _check_cutoffs(model, data, recipe)
+    malloc.set_mmap_threshold(malloc.resolve(tr.malloc_mmap_threshold_mb, graph_cutoffs(model)[1]))
     objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
     o = recipe.optim
 

@@ -1,4 +1,4 @@
-"""glibc malloc's mmap threshold, the setting that decides whether dense MatRIS training fits in 4 GB.
+"""glibc malloc's mmap threshold: the setting that decides whether dense MatRIS training fits in 4 GB on CPU.
 
 PyTorch's CPU tensors come from ``malloc``. glibc serves a request above the
 *mmap threshold* with a mapping of its own, returned to the system at
@@ -7,13 +7,15 @@ pages they have touched. By default the threshold is dynamic: every freed
 mapping raises it to that mapping's size (up to 32 MiB). After one training
 step of matris-10m on the 20-atom Cu cell (27,148 bond pairs) every
 angle-sized tensor (27,148 × 128 × 4 B = 14 MB) therefore lives on a heap,
-and fragmentation doubles the peak: 5.2 GB, against 2.6 GB with the
+and fragmentation doubles the peak: 5.2 GB, against 2.67 GB with the
 threshold fixed at 4 MiB (16 MiB, still above those tensors: 4.8 GB). A
-fixed threshold costs a page fault per fresh page of each large tensor:
-dpa4-air inference on 214 Cu atoms took 24 % longer at 4 MiB than at
-32 MiB. Hence the ``auto`` rule of :func:`resolve`: a fixed 4 MiB where the
-model has a line graph (the per-angle tensors that fragment), glibc's
-dynamic default otherwise.
+fixed threshold costs a page fault per fresh page of every large tensor:
+training steps of matris-4m on that cell took 1.3-1.7x as long at 4 MiB as
+at 32 MiB, and dpa4-air inference on 214 Cu atoms 1.24x. So the recipes keep
+glibc's default (``train.malloc_mmap_threshold_mb: null``) and a memory-bound
+run sets 4, or ``auto``: 4 MiB where the model has a line graph (the
+per-angle tensors that fragment), the default otherwise. (Releasing free heap
+pages with ``malloc_trim`` at each block's backward instead: 4.4 GB at 1.35x.)
 
 Setting ``MALLOC_MMAP_THRESHOLD_`` in the environment does the same before
 the process starts; an explicit environment setting is left alone.

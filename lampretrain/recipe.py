@@ -149,9 +149,9 @@ class TrainSection:
     log_every: int = 10
     eval_every: int | None = None  # validate on the store's val split every N steps and at the end (None: never)
     progress: bool = True  # a progress bar on rank 0
-    # glibc's mmap threshold in MiB, or auto (4 with a line graph, as MatRIS has; glibc's default otherwise) or
-    # null (glibc's default): see lampretrain/malloc.py
-    malloc_mmap_threshold_mb: float | Literal["auto"] | None = "auto"
+    # CPU memory against speed: glibc's mmap threshold in MiB, auto (4 with a line graph, as MatRIS has) or null
+    # (glibc's dynamic default). 4 halves dense MatRIS training's peak memory at 1.3-1.7x the step time: malloc.py
+    malloc_mmap_threshold_mb: float | Literal["auto"] | None = None
 
     def check(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:

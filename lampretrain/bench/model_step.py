@@ -79,9 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-fit", action="store_true",
                    help="CUDA: also find the largest supercell of the first structure whose step fits in memory")
     p.add_argument("--max-repeat", type=int, default=40, help="--max-fit searches repeats up to N×N×N")
-    p.add_argument("--malloc-mmap-threshold", default="auto", type=mmap_threshold, metavar="MB|auto|none",
+    p.add_argument("--malloc-mmap-threshold", default=None, type=mmap_threshold, metavar="MB|auto|none",
                    help="glibc mmap threshold for this process, as the trainer's train.malloc_mmap_threshold_mb "
-                   "(lampretrain/malloc.py; default: %(default)s)")
+                   "(lampretrain/malloc.py; default: glibc's dynamic threshold)")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     return p.parse_args(argv)
 

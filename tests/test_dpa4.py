@@ -175,26 +175,36 @@ def test_atomic_numbers_outside_the_table_are_a_clear_error():
 
 
 def test_chunked_recomputed_edge_messages_train_like_stored_ones():
-    """Recomputing the per-edge messages chunk by chunk (backward and double backward) leaves the
-    energy, forces, stress and the force-loss parameter gradients unchanged, in training and in inference."""
+    """Recomputing the per-edge messages chunk by chunk (backward and double backward), for all chunks or for
+    those beyond the memory budget, leaves the energy, forces, stress and the force-loss parameter gradients
+    unchanged, in training and in inference."""
     batch = collate([molecule_frame(), cu_frames([4])[0]], cutoff=TINY["cutoff"], three_body_cutoff=0.0, dtype=DT)
     assert batch.num_edges > 3 * 97
+    variants = {"stored": dict(edge_chunk=0), "recomputed": dict(edge_chunk=97, edge_memory_mb=0),
+                "mixed": dict(edge_chunk=97, edge_memory_mb=7)}
     outs, grads = [], []
-    for stored in (True, False):
-        model = tiny_model(7, random_roll=False, recompute_edges=not stored, edge_chunk=0 if stored else 97).train()
+    for name, options in variants.items():
+        model = tiny_model(7, random_roll=False, **options).train()
+        stored = model.blocks[0].conv.stored_edges(8)
+        if name == "mixed":  # the budget keeps some chunks' graphs and recomputes the others
+            assert 97 <= stored < batch.num_edges - 97
         out = model(batch)
         loss = out["energy"].pow(2).sum() + out["forces"].pow(2).sum() + out["stress"].pow(2).sum()
         grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
-        outs.append({k: v.detach() for k, v in model.eval()(batch).items()})
-    for key in ("energy", "forces", "stress"):
-        assert (outs[0][key] - outs[1][key]).abs().max() <= 1e-12 * (outs[0][key].abs().max() + 1), key
-    so2 = 0
-    for name, a, b in zip(dict(tiny_model(7).named_parameters()), *grads):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert (a - b).abs().max() <= 1e-10 * (a.abs().max() + 1e-12), name
-            so2 += any(part in name for part in (".so2.", ".edge_product.", ".gates.", ".focus_")) and a.abs().max() > 0
-    assert so2 >= 4
+        model.eval()
+        if name == "mixed":
+            assert 97 <= model.blocks[0].conv.stored_edges(8) < batch.num_edges - 97
+        outs.append({k: v.detach() for k, v in model(batch).items()})
+    for other in range(1, len(variants)):
+        for key in ("energy", "forces", "stress"):
+            assert (outs[0][key] - outs[other][key]).abs().max() <= 1e-12 * (outs[0][key].abs().max() + 1), key
+        so2 = 0
+        for name, a, b in zip(dict(tiny_model(7).named_parameters()), grads[0], grads[other]):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert (a - b).abs().max() <= 1e-10 * (a.abs().max() + 1e-12), name
+                so2 += any(part in name for part in (".so2.", ".edge_product.", ".gates.", ".focus_")) and a.abs().max() > 0
+        assert so2 >= 4
 
 
 @pytest.mark.slow

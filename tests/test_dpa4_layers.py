@@ -45,6 +45,15 @@ def test_spherical_harmonics_are_orthonormal_and_match_closed_forms():
     assert torch.allclose(y_norm[:, 4], math.sqrt(3) * x * yy, atol=1e-14)
 
 
+def test_selected_harmonic_rows_equal_the_full_set_indexed():
+    """The |m| ≤ 1 rows that the edge-frame Wigner rows need, formed alone (shorter recursions), equal the full set's."""
+    u = unit_vectors(torch.Generator().manual_seed(6), 9)
+    for lmax, mmax in ((3, 1), (5, 2)):
+        rows = m_major_rows(lmax, mmax)
+        full = real_spherical_harmonics(u, lmax, "integral")
+        assert (real_spherical_harmonics(u, lmax, "integral", rows) - full[:, rows]).abs().max() <= 1e-15
+
+
 def test_wigner_d_rotates_harmonics_and_is_a_representation():
     gen = torch.Generator().manual_seed(1)
     lmax = 5

@@ -28,7 +28,9 @@ class DPA4Config:
     random_roll: bool = True  # random roll of every edge frame about its axis, in training
     autocast_bf16: bool = False  # bf16 autocast inside the interaction blocks only
     edge_chunk: int = 4096  # edges per chunk of the per-edge message pipeline, 0 → all edges at once
-    recompute_edges: bool = True  # keep only each chunk's inputs; recompute its messages in (double) backward
+    # stored per-edge activations of all blocks together, MB (estimated); chunks beyond it keep only their inputs and
+    # are recomputed in the (double) backward. 0 → recompute every chunk.
+    edge_memory_mb: float = 4096.0
     focus_temperature: float = 1.0
     focus_smoothing: float = 0.02
 
@@ -65,6 +67,8 @@ def configure(base: DPA4Config, **overrides) -> DPA4Config:
         raise ValueError("DPA4 needs n_blocks, so2_layers, n_focus and rank ≥ 1")
     if cfg.edge_chunk < 0:
         raise ValueError(f"DPA4 needs edge_chunk ≥ 0 (0: no chunking), got {cfg.edge_chunk}")
+    if cfg.edge_memory_mb < 0:
+        raise ValueError(f"DPA4 needs edge_memory_mb ≥ 0 (0: recompute every chunk), got {cfg.edge_memory_mb}")
     if not 1 <= cfg.mmax <= cfg.lmax:
         raise ValueError(f"DPA4 needs 1 ≤ mmax ≤ lmax, got mmax={cfg.mmax}, lmax={cfg.lmax}")
     return cfg

@@ -7,10 +7,12 @@ competition between them, rotate back, (A3) envelope-gated attention over neighb
 with a null term, then a zero-initialised post-mix (the block starts as the identity).
 
 Everything per edge (rotation in, A1, A2, rotation back, scatter to the centre atom) runs
-in chunks of ``edge_chunk`` edges, each recomputed in the backward pass: only the chunk's
-inputs are kept, never an (E, rows, H) activation, and a chunk's tensors stay cache- and
-allocator-sized. Training recomputes in the double backward too (``layers.recompute``), so
-a force loss needs one chunk's second-order graph at a time.
+in chunks of ``edge_chunk`` edges, so a chunk's tensors stay cache- and allocator-sized.
+Chunks keep their graph while the estimated stored activations fit ``edge_memory_mb``;
+the chunks beyond it keep only their inputs and are recomputed in the backward pass, and in
+training in the double backward too (``layers.recompute``), so a force loss then needs one
+chunk's second-order graph at a time. Recomputing costs about 1.5× the chunk's work, so the
+budget decides speed against memory.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.equivariant_norm import RMSNorm
 from ..layers.recompute import recompute
-from ..layers.scatter import scatter_max, scatter_sum
-from ..layers.so2 import SO2Linear
+from ..layers.scatter import Segments, gather, scatter_max, scatter_sum, segment_sum
+from ..layers.so2 import SO2Linear, m_part_rows
 from ..layers.so3_linear import SO3Linear
 from .config import DPA4Config
 from .geometry import EdgeCache
@@ -59,21 +61,23 @@ class LowRankEdgeProduct(nn.Module):
         self.kernel = _trunc_normal(fan_in, fan_out, std=1 / math.sqrt(fan_in + fan_out))
         self.channel_mix = _trunc_normal(r, h, std=1 / math.sqrt(r + h))
 
-    def forward(self, xp: torch.Tensor, src: torch.Tensor, to_local: list[torch.Tensor], rho: torch.Tensor) -> list[torch.Tensor]:
-        """xp (N, D, H) node features, source atoms src (E,), rotation rows per |m| (E, rows_m, D),
-        rho (E, L+1, H) → per |m| part (E, rows_m, H) in the edge frame."""
+    def forward(self, xp: torch.Tensor, src: Segments, to_local: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+        """xp (N, D, H) node features, source atoms ``src`` (E,) → N, rotation rows (E, rows, D) of P_M D in
+        m-major order, rho (E, L+1, H) → (E, rows, H) in the edge frame, m-major."""
         n_edges = rho.shape[0]
         scaled = (xp[:, None] * self.channel_mix[:, None, :].to(xp.dtype)).flatten(1, 2)  # (N, R·D, H)
-        source = scaled.index_select(0, src)  # (E, R·D, H)
+        source = gather(scaled, src)  # (E, R·D, H)
         kernel = rho.flatten(1) @ self.kernel  # (E, K_deg·R)
-        parts, col = [], 0
-        for m, (n, rotation) in enumerate(zip(self.block_sizes, to_local)):
+        fused, col, row = [], 0, 0
+        for m, n in enumerate(self.block_sizes):
             k = kernel[:, col : col + n * n * self.rank].unflatten(1, (self.rank, n, n))  # (E, R, n, n)
             col += n * n * self.rank
-            rows = rotation.unflatten(1, (1 if m == 0 else 2, n)).to(k.dtype)  # (E, ±, n, D)
-            fused = torch.einsum("erij,epjd->epird", k, rows).reshape(n_edges, rotation.shape[1], -1)  # (E, rows, R·D)
-            parts.append(torch.bmm(fused.to(source.dtype), source))
-        return parts
+            signs = 1 if m == 0 else 2
+            rows = to_local[:, row : row + signs * n].unflatten(1, (signs, n)).to(k.dtype)  # (E, ±, n, D)
+            row += signs * n
+            fused.append(torch.einsum("erij,epjd->epird", k, rows).reshape(n_edges, signs * n, -1))  # (E, ·, R·D)
+        # one bmm over all |m| parts: a few tiny batched products cost more than one with more rows
+        return torch.bmm(torch.cat(fused, dim=1).to(source.dtype), source)
 
 
 class FocusGate(nn.Module):
@@ -125,6 +129,7 @@ class EMFAConvolution(nn.Module):
         self.out_gate = _normal(f, cf, std=0.01)
         self.null_logit = nn.Parameter(torch.full((f,), 0.5413))  # softplus(0.5413) ≈ 1
         self.post_mix = SO3Linear(cfg.lmax, h, c, zero_init=True)
+        self.part_rows = m_part_rows(cfg.lmax, cfg.mmax)
 
     def forward(self, h: torch.Tensor, geo: EdgeCache, radial: torch.Tensor) -> torch.Tensor:
         """h (N, D, C), radial (E, L+1, C) with edge type features → (N, D, C)."""
@@ -142,26 +147,41 @@ class EMFAConvolution(nn.Module):
         n_edges = geo.src.shape[0]
         if torch.compiler.is_compiling() or torch.compiler.is_exporting() or isinstance(n_edges, torch.SymInt):
             # one chunk: a Python loop over edges would fix the edge count in a traced graph
-            return self.chunk_messages(geo.src, geo.dst, geo.n_nodes, amp, xp, rho, weight, *geo.to_local, *geo.to_global)[0]
+            src, dst = Segments(geo.src, geo.n_nodes), Segments(geo.dst, geo.n_nodes)
+            return self.chunk_messages(src, dst, amp, xp, rho, weight, geo.to_local, geo.to_global)[0]
         size = self.cfg.edge_chunk or max(n_edges, 1)
         params = self.edge_parameters()
         mode = "plain"
-        if torch.is_grad_enabled() and self.cfg.recompute_edges:
+        if torch.is_grad_enabled():
             mode = "twice" if self.training else "once"
+        stored = self.stored_edges(xp.element_size()) if mode != "plain" else n_edges
         # split, not slices: one backward node concatenates the chunk gradients instead of zero-padding each
-        per_edge = [t.split(size) for t in (geo.src, geo.dst, rho, weight, *geo.to_local, *geo.to_global)]
-        total = None
-        for src, dst, *edge_inputs in zip(*per_edge):
-            fn = partial(self.chunk_messages, src, dst, geo.n_nodes, amp)
+        per_edge = [t.split(size) for t in (rho, weight, geo.to_local, geo.to_global)]
+        total, start = None, 0
+        for (src, dst), edge_inputs in zip(geo.chunk_segments(size), zip(*per_edge)):
+            fn = partial(self.chunk_messages, src, dst, amp)
             inputs = (xp, *edge_inputs)
-            if mode == "twice":  # a force loss differentiates the backward again: recompute there too
-                (out,) = recompute(fn, inputs, params)
-            elif mode == "once":
-                (out,) = checkpoint(fn, *inputs, use_reentrant=False)
-            else:
+            start += src.index.shape[0]
+            if start <= stored:
                 (out,) = fn(*inputs)
+            elif mode == "twice":  # a force loss differentiates the backward again: recompute there too
+                (out,) = recompute(fn, inputs, params)
+            else:
+                (out,) = checkpoint(fn, *inputs, use_reentrant=False)
             total = out if total is None else total + out
         return total
+
+    def stored_edges(self, element_size: int) -> int:
+        """How many edges of this block keep their graph within its share of ``edge_memory_mb``.
+
+        Estimated bytes per edge: k · S · rows · H · element size, with k ≈ 7 for a graph that a
+        force loss differentiates twice and k ≈ 2.5 for forces alone (measured on dpa4-air, fp32).
+        """
+        cfg = self.cfg
+        rows = sum(self.part_rows)
+        k = 7.0 if self.training else 2.5
+        per_edge = k * cfg.so2_layers * rows * cfg.hidden_channels * element_size
+        return int(cfg.edge_memory_mb * 2**20 / cfg.n_blocks / per_edge)
 
     def edge_parameters(self) -> list[nn.Parameter]:
         """Every parameter :meth:`chunk_messages` reads (``recompute`` must be told them)."""
@@ -170,23 +190,24 @@ class EMFAConvolution(nn.Module):
         return params + ([self.focus_logit] if self.cfg.n_focus > 1 else [])
 
     def chunk_messages(
-        self, src: torch.Tensor, dst: torch.Tensor, n_nodes: int, amp: tuple[bool, torch.dtype],
-        xp: torch.Tensor, rho: torch.Tensor, weight: torch.Tensor, *rotations: torch.Tensor,
+        self, src: Segments, dst: Segments, amp: tuple[bool, torch.dtype],
+        xp: torch.Tensor, rho: torch.Tensor, weight: torch.Tensor, to_local: torch.Tensor, to_global: torch.Tensor,
     ) -> tuple[torch.Tensor]:
         """One chunk of edges: (A1) → (A2) → focus competition → attention weight → rotate back → Σ_j, (N, D, H).
 
-        ``rotations`` are the chunk's to_local parts then its to_global parts; ``amp`` is the
+        ``to_local`` (E, rows, D) and ``to_global`` (E, D, rows) are the chunk's rotations; ``amp`` is the
         autocast state of the forward pass, restored when the backward pass recomputes.
         """
         cfg = self.cfg
         f, cf = cfg.n_focus, cfg.focus_channels
-        n_parts = len(rotations) // 2
-        to_local, to_global = list(rotations[:n_parts]), list(rotations[n_parts:])
-        n_edges = src.shape[0]
+        n_edges = src.index.shape[0]
         with torch.autocast(xp.device.type, dtype=amp[1], enabled=amp[0]):
-            local = self.edge_product(xp, src, to_local, rho)  # per |m|: (E, rows_m, H)
-            # focus-major parts (F, E, rows_m·C_f); a view when F = 1
-            x = [p.unflatten(-1, (f, cf)).permute(2, 0, 1, 3).reshape(f, n_edges, -1) for p in local]
+            local = self.edge_product(xp, src, to_local, rho)  # (E, rows, H)
+            # focus-major |m| parts (F, E, rows_m·C_f); views when F = 1
+            x = [
+                p.unflatten(-1, (f, cf)).permute(2, 0, 1, 3).reshape(f, n_edges, -1)
+                for p in local.split(self.part_rows, dim=1)
+            ]
             entry_scalar = x[0][..., :cf]  # (F, E, C_f)
             x = self.focus_stacks(*x)
             if f > 1:
@@ -196,13 +217,10 @@ class EMFAConvolution(nn.Module):
                 x = [p * scale for p in x]
             else:
                 # one focus: the per-edge attention weight folds into the (E, D, rows) rotation, far smaller than x
-                to_global = [g * weight[:, :, None].to(g.dtype) for g in to_global]
-            msg = None  # Σ_m (E, D, rows_m) @ (E, rows_m, H) → (E, D, H)
-            for g, p in zip(to_global, x):
-                p = p.unflatten(-1, (-1, cf)).permute(1, 2, 0, 3).flatten(2)  # (E, rows_m, H)
-                g = g.to(p.dtype)
-                msg = torch.bmm(g, p) if msg is None else torch.baddbmm(msg, g, p)
-            return (scatter_sum(msg, dst, n_nodes),)
+                to_global = to_global * weight[:, :, None].to(to_global.dtype)
+            local = torch.cat([p.unflatten(-1, (-1, cf)).permute(1, 2, 0, 3).flatten(2) for p in x], dim=1)  # (E, rows, H)
+            msg = torch.bmm(to_global.to(local.dtype), local)  # (E, D, H)
+            return (segment_sum(msg, dst),)
 
     def focus_stacks(self, *x: torch.Tensor) -> list[torch.Tensor]:
         """(A2a) S residual gated SO(2) layers on the |m| parts (F, E, rows_m·C_f) → same shapes."""

@@ -6,15 +6,15 @@ Built once per forward in the model's dtype (never under autocast) and shared by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..layers.envelopes import c3_envelope
 from ..layers.radial import bessel_frequencies, sine_bessel
-from ..layers.scatter import scatter_sum
-from ..layers.so2 import m_major_rows, m_part_rows, truncation_scale
+from ..layers.scatter import Segments, scatter_sum
+from ..layers.so2 import m_major_rows, truncation_scale
 from ..layers.spherical_harmonics import real_spherical_harmonics
 from ..layers.wigner import WignerD, edge_quaternion, quaternion_multiply, quaternion_to_matrix, z_roll_quaternion
 from .config import DPA4Config
@@ -30,9 +30,19 @@ class EdgeCache:
     edge_env: torch.Tensor  # (E,) s5(r)
     rbf: torch.Tensor  # (E, n_radial) φ_n(r)
     sh: torch.Tensor  # (E, D) "norm" real SH Ŷ(r̂_ij)
-    to_local: list[torch.Tensor]  # per |m| part: (E, rows_m, D) rows of P_M D(R_ij)
-    to_global: list[torch.Tensor]  # per |m| part: (E, D, rows_m) columns of Ξ_M D(R_ij)ᵀ P_Mᵀ
+    to_local: torch.Tensor  # (E, rows, D) rows of P_M D(R_ij), m-major
+    to_global: torch.Tensor  # (E, D, rows) columns of Ξ_M D(R_ij)ᵀ P_Mᵀ
     inv_sqrt_deg: torch.Tensor  # (N,) (Σ_j s5² + floor)^(-1/2)
+    _chunks: dict[int, list[tuple[Segments, Segments]]] = field(default_factory=dict)
+
+    def chunk_segments(self, size: int) -> list[tuple[Segments, Segments]]:
+        """(source, centre) segment maps of each ``size``-edge chunk, built once and shared by every block."""
+        if size not in self._chunks:
+            self._chunks[size] = [
+                (Segments(s, self.n_nodes), Segments(d, self.n_nodes))
+                for s, d in zip(self.src.split(size), self.dst.split(size))
+            ]
+        return self._chunks[size]
 
 
 class EdgeGeometry(nn.Module):
@@ -45,7 +55,6 @@ class EdgeGeometry(nn.Module):
         self.adam_freqs = nn.Parameter(bessel_frequencies(cfg.n_radial, cfg.cutoff))
         self.wigner = WignerD(cfg.lmax, m_major_rows(cfg.lmax, cfg.mmax))
         self.register_buffer("kappa", truncation_scale(cfg.lmax, cfg.mmax), persistent=False)
-        self.part_rows = m_part_rows(cfg.lmax, cfg.mmax)
 
     def forward(self, vectors: torch.Tensor, edge_index: torch.Tensor, n_nodes: int, roll: bool) -> EdgeCache:
         """``vectors`` r_ij (E, 3) for ``edge_index`` [centre i, neighbor j]."""
@@ -72,7 +81,7 @@ class EdgeGeometry(nn.Module):
             edge_env=edge_env,
             rbf=rbf,
             sh=real_spherical_harmonics(unit, cfg.lmax, "norm"),
-            to_local=list(to_local.split(self.part_rows, dim=1)),
-            to_global=list(to_global.split(self.part_rows, dim=2)),
+            to_local=to_local,
+            to_global=to_global,
             inv_sqrt_deg=torch.rsqrt(degree + cfg.degree_floor),
         )

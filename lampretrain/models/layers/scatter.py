@@ -72,12 +72,16 @@ class Segments:
                 )
 
     def sum(self, src: torch.Tensor) -> torch.Tensor:
-        """out[k] = Σ_{d: index[d]=k} src[d] without a graph; (D, ...) → (size, ...)."""
+        """out[k] = Σ_{d: index[d]=k} src[d] without a graph; (D, ...) → (size, ...). Half-precision sources
+        (bf16 under autocast) are summed in float32, which the CPU sparse product also requires."""
+        work = src.float() if src.dtype in (torch.bfloat16, torch.float16) else src
         matrix = self.matrix
-        if matrix.dtype != src.dtype:
-            matrix = matrix.to(src.dtype)
+        if matrix.dtype != work.dtype:
+            matrix = matrix.to(work.dtype)
         trailing = tuple(src.shape[1:])
-        return (matrix @ src.reshape(src.shape[0], math.prod(trailing))).view((self.size,) + trailing)
+        with torch.autocast(src.device.type, enabled=False):  # autocast would cast the product back to bf16
+            out = (matrix @ work.reshape(src.shape[0], math.prod(trailing))).view((self.size,) + trailing)
+        return out.to(src.dtype)
 
 
 class _SegmentSum(torch.autograd.Function):

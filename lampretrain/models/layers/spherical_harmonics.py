@@ -21,35 +21,41 @@ def sh_degrees(lmax: int) -> torch.Tensor:
     return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
 
 
-def real_spherical_harmonics(unit: torch.Tensor, lmax: int, normalization: str = "norm") -> torch.Tensor:
-    """Real SH of unit vectors (..., 3) → (..., (L+1)²).
+def real_spherical_harmonics(
+    unit: torch.Tensor, lmax: int, normalization: str = "norm", rows: list[int] | None = None
+) -> torch.Tensor:
+    """Real SH of unit vectors (..., 3) → (..., (L+1)²), or (..., len(rows)) for packed indices ``rows``.
 
     Y_lm = N_lm Q_l^|m|(z) · {√2 Re (x+iy)^m, m > 0;  1, m = 0;  √2 Im (x+iy)^|m|, m < 0}
     with Q_l^m = P_l^m(z) / sin^m θ from the three-term Legendre recursion and
     N_lm = √((2l+1)/4π · (l−m)!/(l+m)!) (no Condon–Shortley phase).
     ``normalization="integral"`` is orthonormal on S²; ``"norm"`` scales degree l by √(4π/(2l+1)),
-    so that Σ_m Y_lm(r̂)² = 1 and Y_l0(e_z) = 1.
+    so that Σ_m Y_lm(r̂)² = 1 and Y_l0(e_z) = 1. With ``rows`` only those coefficients are
+    formed, and the recursions stop at the largest |m| among them.
     """
     if normalization not in ("norm", "integral"):
         raise ValueError(f"normalization must be 'norm' or 'integral', got {normalization!r}")
+    wanted = [(l, m) for l in range(lmax + 1) for m in range(-l, l + 1)]
+    if rows is not None:
+        wanted = [wanted[k] for k in rows]
+    mmax = max(abs(m) for _, m in wanted)
     x, y, z = unit.unbind(-1)
     cos_m = [torch.ones_like(x)]  # Re (x + iy)^m
     sin_m = [torch.zeros_like(x)]  # Im (x + iy)^m
-    for m in range(1, lmax + 1):
+    for m in range(1, mmax + 1):
         cos_m.append(x * cos_m[-1] - y * sin_m[-1])
         sin_m.append(x * sin_m[-1] + y * cos_m[-2])
     q: dict[tuple[int, int], torch.Tensor] = {}
-    for m in range(lmax + 1):
+    for m in range(mmax + 1):
         q[m, m] = torch.full_like(z, float(math.prod(range(1, 2 * m, 2))))
         if m + 1 <= lmax:
             q[m + 1, m] = (2 * m + 1) * z * q[m, m]
         for l in range(m + 2, lmax + 1):
             q[l, m] = ((2 * l - 1) * z * q[l - 1, m] - (l + m - 1) * q[l - 2, m]) / (l - m)
     out = []
-    for l in range(lmax + 1):
+    for l, m in wanted:
         scale = 1.0 if normalization == "norm" else math.sqrt((2 * l + 1) / (4 * math.pi))
-        for m in range(-l, l + 1):
-            a = abs(m)
-            n = scale * math.sqrt(math.factorial(l - a) / math.factorial(l + a)) * (math.sqrt(2.0) if m else 1.0)
-            out.append(n * q[l, a] * (cos_m[a] if m >= 0 else sin_m[a]))
+        a = abs(m)
+        n = scale * math.sqrt(math.factorial(l - a) / math.factorial(l + a)) * (math.sqrt(2.0) if m else 1.0)
+        out.append(n * q[l, a] * (cos_m[a] if m >= 0 else sin_m[a]))
     return torch.stack(out, dim=-1)

@@ -91,13 +91,12 @@ class WignerD(torch.nn.Module):
         points, weights = lebedev_grid(lebedev_order_for(2 * lmax))
         points = torch.from_numpy(points)
         basis = real_spherical_harmonics(points, lmax, "integral")  # (A, D)
-        rows = list(range(sh_dim(lmax))) if rows is None else rows
+        self.rows = list(range(sh_dim(lmax))) if rows is None else list(rows)
         self.register_buffer("points", points, persistent=False)  # (A, 3)
         self.register_buffer("basis", basis * torch.from_numpy(weights)[:, None] * (4 * torch.pi), persistent=False)
-        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
 
     def forward(self, rotation: torch.Tensor) -> torch.Tensor:
         """(E, 3, 3) → (E, len(rows), (L+1)²)."""
         rotated = torch.einsum("eij,aj->eai", rotation, self.points.to(rotation.dtype))
-        sh = real_spherical_harmonics(rotated, self.lmax, "integral")[..., self.rows]  # (E, A, rows)
+        sh = real_spherical_harmonics(rotated, self.lmax, "integral", self.rows)  # (E, A, rows)
         return torch.einsum("ear,ak->erk", sh, self.basis.to(rotation.dtype))

@@ -180,6 +180,56 @@ def test_metadata_unpickler_refuses_code(tmp_path):
 # --- real runs -------------------------------------------------------------------------------------------------------
 
 
+def _edge_lengths(batch) -> torch.Tensor:
+    from lampretrain.graph.batch import edge_vectors
+
+    return edge_vectors(batch.positions, batch.cell, batch).norm(dim=-1)
+
+
+def test_graphs_follow_the_model_cutoffs_not_the_store_ones(tmp_path):
+    """A store prepared at 5 / 3.5 Å feeds a model built at 4 / 3 Å: the trainer's train and val graphs have the
+    model's edges (the same as a neighbour search at 4 Å); the store's cutoffs only serve its cost statistics."""
+    from finetune_support import FEO, make_store, tiny_recipe
+
+    from lampretrain.graph.batch import build_graph
+    from lampretrain.store.index import StoreIndex
+    from lampretrain.train.data import build_train_data
+    from lampretrain.train.trainer import TrainHooks, _graphs_at_model_cutoffs, build_model
+
+    store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.2,
+                       graphs={"cutoff": 5.0, "three_body_cutoff": 3.5})
+    assert (StoreIndex.open(store).cutoff, StoreIndex.open(store).three_body_cutoff) == (5.0, 3.5)
+    recipe = parse_recipe(tiny_recipe(store, tmp_path / "run", steps=1))
+    data = build_train_data(recipe.data, 0, 1, seed=0)
+    _, _, at_store = next(data.stream(0, 0))
+    assert _edge_lengths(at_store).max() > 4.2  # the store's graphs do hold 4-5 Å edges
+
+    model = build_model(recipe, data.datasets, data.index.stats())
+    assert (model.backbone.config.cutoff, model.backbone.config.three_body_cutoff) == (4.0, 3.0)
+    _graphs_at_model_cutoffs(model, data)
+    _, _, batch = next(data.stream(0, 0))  # the same frames (position 0 of epoch 0), rebuilt at 4 / 3 Å
+    assert torch.equal(batch.positions, at_store.positions)
+    lengths = _edge_lengths(batch)
+    assert lengths.max() < 4.0 and batch.num_edges < at_store.num_edges
+    assert (lengths[batch.angle_index] < 3.0).all() and batch.num_angles < at_store.num_angles
+    assert batch.num_edges == sum(build_graph(f, 4.0, 3.0).edge_index.shape[1] for f in _frames_of(batch, data))
+
+    val = TrainHooks().build_val_loader(recipe, model, 0, 1)
+    val_lengths = torch.cat([_edge_lengths(b) for b in val])
+    assert 3.5 < val_lengths.max() < 4.0
+
+
+def _frames_of(batch, data) -> list:
+    """The store frames of a train batch, found by their positions (FeO relaxation steps all differ)."""
+    frames = [data.loader.dataset[i] for i in range(len(data.loader.dataset))]
+    starts = torch.cumsum(batch.n_atoms, 0) - batch.n_atoms
+    out = []
+    for g, start in enumerate(starts.tolist()):
+        pos = batch.positions[start : start + int(batch.n_atoms[g])].double().numpy()
+        out.append(next(f for f in frames if f.positions.shape == pos.shape and abs(f.positions - pos).max() < 1e-5))
+    return out
+
+
 @pytest.mark.slow
 def test_single_process_run_logs_to_mlflow_and_sigterm_checkpoints(store, tmp_path):
     """A plain process: loss goes down, MLflow has params and per-dataset metrics; SIGTERM → checkpoint, exit 0;

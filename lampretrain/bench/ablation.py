@@ -6,6 +6,9 @@ still per dataset), ``uncertainty`` (dynamic balancing), ``denoise_then_finetune
 (the first half of the steps with DeNS, the second half without). Prints one JSON
 line per variant with per-dataset validation energy MAE (meV/atom) and force MAE
 (meV/Å), plus the per-dataset mean baseline (references + mean residual, zero forces).
+The validation sets are a quarter of 2-24 frames per dataset (one or two frames for
+mlearn Si and Al r2SCAN): read differences of a few meV/atom there as noise. Loss weights
+are ObjectiveConfig's defaults in every variant, not the demo recipes' tuned ones.
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """The data of one rank: the training stream (store rows → cost-balanced sampler → DataLoader of graph
-batches) and the validation batches (this rank's share of the val split, every frame once)."""
+batches) and the validation batches (this rank's share of the val split, every frame once).
+
+The store holds positions, not graphs: graphs are built in the loader, at the model's
+cutoffs when they are given (:meth:`TrainData.use_cutoffs`, ``build_val_loader(cutoffs=...)``),
+else at the cutoffs the store was prepared with. The store's cutoffs then only serve
+its per-frame edge/angle counts, which feed the sampler's cost model.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +43,15 @@ class TrainData:
     sampler: BalancedBatchSampler
     loader: DataLoader
     natoms: np.ndarray  # per sampler item
+    collate: GraphCollate
+
+    def use_cutoffs(self, cutoff: float, three_body_cutoff: float) -> None:
+        """Build the stream's graphs at these cutoffs (Å; the model's) instead of the store's.
+
+        Takes effect for every epoch that :meth:`stream` starts afterwards: the
+        DataLoader hands its workers the collate function when an epoch begins.
+        """
+        self.collate.cutoff, self.collate.three_body_cutoff = float(cutoff), float(three_body_cutoff)
 
     def stream(self, epoch: int, position: int) -> Iterator[tuple[int, int, GraphBatch]]:
         """(epoch, micro-batches consumed in that epoch, batch) forever, from (epoch, position) on.
@@ -103,11 +118,15 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),  # iter(loader) draws a seed: keep it off the global RNG
     )
-    return TrainData(index, list(names), sampler, loader, np.asarray(index.natoms[sel]))
+    return TrainData(index, list(names), sampler, loader, np.asarray(index.natoms[sel]), collate)
 
 
-def build_val_loader(cfg: DataSection, names: list[str], rank: int, world_size: int) -> DataLoader | None:
+def build_val_loader(
+    cfg: DataSection, names: list[str], rank: int, world_size: int, cutoffs: tuple[float, float] | None = None
+) -> DataLoader | None:
     """This rank's share of the val split of datasets ``names`` (head order) as graph batches; None if it is empty.
+
+    ``cutoffs``: (pair, three-body) in Å the graphs are built at (the model's); default the store's.
 
     Rank r takes every world_size-th frame from r, in index order, packed
     greedily into micro-batches of at most ``cfg.budget`` cost (a costlier
@@ -130,7 +149,8 @@ def build_val_loader(cfg: DataSection, names: list[str], rank: int, world_size: 
             load = 0.0
         batches[-1].append(i)
         load += c
-    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)})
+    pair, three_body = cutoffs if cutoffs is not None else (index.cutoff, index.three_body_cutoff)
+    collate = GraphCollate(pair, three_body, {n: k for k, n in enumerate(names)})
     return DataLoader(
         _Rows(LmdbFrameDataset.from_index(index, "val"), mine), batch_sampler=batches, collate_fn=collate,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),

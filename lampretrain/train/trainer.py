@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +157,7 @@ class TrainHooks:
         return build_train_data(recipe.data, rank, world_size, recipe.train.seed)
 
     def build_val_loader(self, recipe: Recipe, model: MultiTaskModel, rank: int, world_size: int):
-        return build_val_loader(recipe.data, model.dataset_names, rank, world_size)
+        return build_val_loader(recipe.data, model.dataset_names, rank, world_size, graph_cutoffs(model))
 
     def build_model(self, recipe: Recipe, data: TrainData) -> MultiTaskModel:
         return build_model(recipe, data.datasets, data.index.stats())
@@ -190,20 +189,10 @@ def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> M
     return MultiTaskModel(config)
 
 
-def _check_cutoffs(model: MultiTaskModel, data: TrainData, recipe: Recipe) -> None:
-    """Warn when the loader's graphs (built at the store's cutoffs) are not the model's: inference builds them at
-    the model's, so a model trained on other graphs is evaluated on graphs it never saw."""
-    index = getattr(data, "index", None)  # fine-tuning mixes stores (finetune.run.MixedData)
-    if index is None:
-        return
-    pair, three_body = graph_cutoffs(model)
-    store = (index.cutoff, index.three_body_cutoff)
-    if abs(pair - store[0]) > 1e-9 or (three_body and abs(three_body - store[1]) > 1e-9):
-        warnings.warn(
-            f"data.store {recipe.data.store} was prepared with cutoffs {store[0]:g}/{store[1]:g} Å (pair/three-body) "
-            f"but model {recipe.model.name} uses {pair:g}/{three_body:g} Å: training graphs follow the store, "
-            f"inference the model. Set model.options cutoff/three_body_cutoff to the store's, or prepare the store "
-            f"with the model's (cutoff, three_body_cutoff in the prep spec)", stacklevel=2)
+def _graphs_at_model_cutoffs(model: MultiTaskModel, data: TrainData) -> None:
+    """Build the loader's graphs at the model's cutoffs (inference builds them there too), not the store's."""
+    if hasattr(data, "use_cutoffs"):  # fine-tuning mixes stores (finetune.run.MixedData)
+        data.use_cutoffs(*graph_cutoffs(model))
 
 
 def _autocast(recipe: Recipe, device: torch.device) -> torch.dtype | None:
@@ -269,7 +258,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     torch.manual_seed(tr.seed)  # same initial weights on every rank (DDP also broadcasts them)
     data = hooks.build_data(recipe, ctx.rank, ctx.world_size)
     model = hooks.build_model(recipe, data)
-    _check_cutoffs(model, data, recipe)
+    _graphs_at_model_cutoffs(model, data)
     malloc.set_mmap_threshold(malloc.resolve(tr.malloc_mmap_threshold_mb, graph_cutoffs(model)[1]))
     objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
     o = recipe.optim

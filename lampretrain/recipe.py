@@ -156,8 +156,8 @@ class TrainSection:
     def check(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
             raise ConfigError("steps and grad_accum must be >= 1")
-        if isinstance(self.malloc_mmap_threshold_mb, float) and not 0 < self.malloc_mmap_threshold_mb <= 32:
-            raise ConfigError(f"train.malloc_mmap_threshold_mb: glibc takes 0 < MiB <= 32, got "
+        if isinstance(self.malloc_mmap_threshold_mb, float) and not 0 < self.malloc_mmap_threshold_mb < 2048:
+            raise ConfigError(f"train.malloc_mmap_threshold_mb: mallopt takes 0 < MiB < 2048, got "
                               f"{self.malloc_mmap_threshold_mb} (auto or null for the defaults)")
         if self.eval_every is not None and self.eval_every < 1:
             raise ConfigError(f"eval_every: must be >= 1 (or null for no validation), got {self.eval_every}")

@@ -348,7 +348,7 @@ def test_benchmark_prints_our_line_and_the_peers(tmp_path, capsys, mode):
     assert "needs a periodic cell" in peer["skipped"] or peer["skipped"].startswith("not installed")
     assert list(result) == [
         "bench", "impl", "model", "n_structures", "atoms", "edges", "angles", "mode", "device", "dtype", "compile",
-        "threads", "malloc_mmap_threshold_mb", "params", "median_s_per_step", "atoms_per_s", "peak_rss_mb",
+        "per_structure", "threads", "malloc_mmap_threshold_mb", "params", "median_s_per_step", "atoms_per_s", "peak_rss_mb",
     ]
     batch = collate([oxide_frame(10), molecule_frame("C4H3O1")])
     assert (result["n_structures"], result["atoms"], result["edges"], result["angles"]) == (

@@ -67,7 +67,7 @@ def measure(model, frames: list, mode: str, repeat: int, cutoffs: tuple[float, f
     from .model_step import make_step, time_alternating
 
     batch = collate(frames, cutoff=cutoffs[0], three_body_cutoff=cutoffs[1])
-    step = make_step(model, batch, mode, "cpu", None)
+    step = make_step(model, [batch], mode, "cpu", None)
     seconds = time_alternating({"step": step}, repeat=repeat, warmup=1, device="cpu")["step"]["median_s_per_step"]
     return int(batch.n_atoms.sum()), batch.num_edges, batch.num_angles, seconds
 

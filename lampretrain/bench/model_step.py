@@ -1,4 +1,5 @@
-"""Time one model step (inference E, F, σ or a training step) on all structures of a file as one batch.
+"""Time one model step (inference E, F, σ or a training step) on all structures of a file as one batch
+(``--per-structure``: one call per structure).
 
     python benchmarks/model_step.py --model matris-10m --structures cu20.extxyz --mode infer --threads 2
 
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--per-structure", action="store_true",
+                   help="one model call (and, training, one backward) per structure, one optimizer step, as the "
+                   "deepmd-kit peer runs; default: all structures as one batch")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
@@ -116,33 +120,39 @@ def under_autocast(step: Callable, device: str, autocast: torch.dtype | None) ->
     return mixed
 
 
-def make_step(model: torch.nn.Module, batch: GraphBatch, mode: str, device: str, autocast: torch.dtype | None):
-    """A closure running one step; training uses an energy + force + stress MSE and AdamW."""
+def make_step(model: torch.nn.Module, batches: list[GraphBatch], mode: str, device: str, autocast: torch.dtype | None):
+    """A closure running one step over ``batches`` (one model call each); training uses an energy + force +
+    stress MSE per batch, one backward per batch (the gradients add up) and one AdamW step."""
     if autocast is not None:
-        return under_autocast(make_step(model, batch, mode, device, None), device, autocast)
+        return under_autocast(make_step(model, batches, mode, device, None), device, autocast)
     if mode == "infer":
         model.eval()
 
         def infer():
-            out = model(batch, compute_forces=True, compute_stress=True)
-            return out["energy"].sum().item()
+            return sum(model(b, compute_forces=True, compute_stress=True)["energy"].sum().item() for b in batches)
 
         return infer
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    n = batch.n_atoms.to(batch.energy.dtype)
 
-    def train():
-        optimizer.zero_grad(set_to_none=True)
+    def loss_of(batch: GraphBatch) -> torch.Tensor:
         out = model(batch, compute_forces=True, compute_stress=True)
-        loss = (
+        n = batch.n_atoms.to(batch.energy.dtype)
+        return (
             (((out["energy"] - batch.energy) / n) ** 2).mean()
             + ((out["forces"] - batch.forces) ** 2).mean()
             + ((out["stress"] - batch.stress) ** 2).mean()
         )
-        loss.backward()
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in batches:
+            loss = loss_of(batch)
+            loss.backward()
+            total += loss.item()
         optimizer.step()
-        return loss.item()
+        return total
 
     return train
 
@@ -234,7 +244,7 @@ def fits(model, frame: Frame, mode: str, device: str, autocast, cutoffs, dtype) 
     """Memory and time of one step on ``frame`` after a warm-up step, or None when it runs out of device memory."""
     try:
         batch = collate([frame], cutoff=cutoffs[0], three_body_cutoff=cutoffs[1], dtype=dtype).to(device)
-        step = make_step(model, batch, mode, device, autocast)
+        step = make_step(model, [batch], mode, device, autocast)
         step()
         timed = time_alternating({"step": step}, repeat=1, warmup=0, device=device)["step"]
         return {"atoms": frame.natoms, "edges": batch.num_edges, "angles": batch.num_angles, **timed}
@@ -281,6 +291,8 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
 
         _, reason = peers.load("matris")
         reason = reason or unsupported(frames)
+        if reason is None and args.per_structure:
+            reason = "--per-structure: the official MatRIS step here takes all structures as one batch"
         if reason is not None:
             return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
         official = build_official(model.config, args.device, dtype)
@@ -322,11 +334,15 @@ def run(argv: list[str] | None = None) -> dict:
     frames = [f.validate() for f in read_frames(args.structures)]
     deepmd = deepmd_line(args, model) if args.peers == "auto" and args.model.startswith("dpa4") else None
     batch = collate(frames, cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(args.device)
+    batches = (
+        [collate([f], cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(args.device) for f in frames]
+        if args.per_structure else [batch]
+    )
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     plain_model = model
     if args.compile:
         model = torch.compile(model)
-    steps = {"lampretrain": make_step(model, batch, args.mode, args.device, autocast)}
+    steps = {"lampretrain": make_step(model, batches, args.mode, args.device, autocast)}
     peer_models, skip = peer_steps(args, plain_model, frames, dtype)
     for name, (peer_model, peer_step) in peer_models.items():
         steps[name] = under_autocast(peer_step, args.device, autocast)
@@ -334,7 +350,7 @@ def run(argv: list[str] | None = None) -> dict:
     atoms = int(batch.n_atoms.sum())
     case = {"model": args.model, "n_structures": len(frames), "atoms": atoms, "edges": batch.num_edges,
             "angles": batch.num_angles, "mode": args.mode, "device": args.device, "dtype": args.dtype,
-            "compile": args.compile, "threads": torch.get_num_threads(), "malloc_mmap_threshold_mb": threshold}
+            "compile": args.compile, "per_structure": args.per_structure, "threads": torch.get_num_threads(), "malloc_mmap_threshold_mb": threshold}
     results = []
     for name, m in measured.items():
         impl_params = params if name == "lampretrain" else sum(p.numel() for p in peer_models[name][0].parameters())

@@ -19,7 +19,11 @@ loss, backward, AdamW step; no engine, sampler, loader, EMA or metrics):
 ``--workers`` loader processes, as in training. Both run in this process,
 alternating ``--overhead-repeats`` times, and the median of the pairwise
 ratios is reported: on a shared machine the load drifts between runs, and a
-pair measured back to back sees nearly the same load.
+pair measured back to back sees nearly the same load. ``cpu_overhead`` is the
+same ratio of the training process's own CPU time per step (all its threads,
+not the loader processes): what the trainer costs where loaders have cores of
+their own, as on a GPU node; on a machine with fewer cores than compute threads
+plus loaders, the wall-clock ``overhead`` also counts the loaders' contention.
 """
 
 from __future__ import annotations
@@ -77,21 +81,27 @@ def measured(windows: list[tuple[int, dict[str, float]]], warmup: int) -> dict[s
 
 
 def trainer_step(recipe, warmup: int) -> dict[str, float] | None:
-    """Run ``pretrain`` on ``recipe`` and combine its metric windows after ``warmup`` steps (:func:`measured`);
-    None on ranks other than 0, which log no windows."""
+    """Run ``pretrain`` on ``recipe`` and combine its metric windows after ``warmup`` steps (:func:`measured`),
+    plus ``cpu_s_per_step``, this process's CPU time per step over the same steps; None on ranks other than 0,
+    which log no windows."""
     from lampretrain.train import pretrain
     from lampretrain.train.trainer import TrainHooks
 
     class Windows(TrainHooks):
         def __init__(self):
             self.seen: list[tuple[int, dict[str, float]]] = []
+            self.cpu: dict[int, float] = {}
 
         def on_log(self, step: int, metrics: dict[str, float]) -> None:
+            self.cpu[step] = time.process_time()
             self.seen.append((step, metrics))
 
     hooks = Windows()
     pretrain(recipe, hooks=hooks)
-    return measured(hooks.seen, warmup) if hooks.seen else None
+    if not hooks.seen:
+        return None
+    last = hooks.seen[-1][0]
+    return measured(hooks.seen, warmup) | {"cpu_s_per_step": (hooks.cpu[last] - hooks.cpu[warmup]) / (last - warmup)}
 
 
 def worker(recipe_path: str, result_path: str, warmup: int) -> None:
@@ -123,13 +133,14 @@ def run_ranks(args: argparse.Namespace, ranks: int, tmp: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def bare_step_time(args: argparse.Namespace, tmp: Path) -> float:
-    """Median-free mean seconds per step of the bare loop over the same first batches (1 process)."""
+def bare_step_time(args: argparse.Namespace, tmp: Path) -> tuple[float, float]:
+    """Mean wall-clock and CPU seconds per step of the bare loop over the same first batches (1 process)."""
     import torch
 
     from lampretrain.recipe import parse_recipe
     from lampretrain.train.data import build_train_data
     from lampretrain.train.trainer import build_model
+    from lampretrain.models import graph_cutoffs
     from lampretrain.objectives import MultiTaskObjective
 
     if args.threads:
@@ -138,9 +149,10 @@ def bare_step_time(args: argparse.Namespace, tmp: Path) -> float:
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     torch.manual_seed(0)
     data = build_train_data(recipe.data, 0, 1, 0)
+    model = build_model(recipe, data.datasets, data.index.stats()).to(device).train()
+    data.use_cutoffs(*graph_cutoffs(model))  # as the trainer does
     stream = data.stream(0, 0)
     batches = [next(stream)[2].to(device) for _ in range(args.warmup + args.steps)]
-    model = build_model(recipe, data.datasets, data.index.stats()).to(device).train()
     objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
@@ -154,12 +166,12 @@ def bare_step_time(args: argparse.Namespace, tmp: Path) -> float:
         step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for batch in batches[args.warmup :]:
         step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / args.steps
+    return (time.perf_counter() - t0) / args.steps, (time.process_time() - c0) / args.steps
 
 
 def trainer_overhead(args: argparse.Namespace, tmp: Path) -> dict:
@@ -172,19 +184,23 @@ def trainer_overhead(args: argparse.Namespace, tmp: Path) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    pairs = []
+    wall, cpu = [], []
     for k in range(args.overhead_repeats):
-        bare = bare_step_time(args, tmp)
+        bare_wall, bare_cpu = bare_step_time(args, tmp)
         recipe = parse_recipe(bench_recipe(args, tmp / f"overhead-{k}"))
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's log lines; stdout carries JSON
-            trainer = trainer_step(recipe, args.warmup)["step_time_s"]
-        pairs.append((trainer, bare))
-    ratios = [t / b - 1.0 for t, b in pairs]
+            trainer = trainer_step(recipe, args.warmup)
+        wall.append((trainer["step_time_s"], bare_wall))
+        cpu.append((trainer["cpu_s_per_step"], bare_cpu))
+    ratios = [t / b - 1.0 for t, b in wall]
+    cpu_ratios = [t / b - 1.0 for t, b in cpu]
     return {
         "bench": "trainer_overhead", "impl": "lampretrain", "device": args.device, "model": args.model,
-        "trainer_step_s": statistics.median(t for t, _ in pairs), "bare_step_s": statistics.median(b for _, b in pairs),
-        "overhead": statistics.median(ratios), "overhead_pairs": ratios, "workers": args.workers,
-        "peak_rss_mb": peak_rss_mb(),
+        "trainer_step_s": statistics.median(t for t, _ in wall), "bare_step_s": statistics.median(b for _, b in wall),
+        "overhead": statistics.median(ratios), "overhead_pairs": ratios,
+        "trainer_cpu_s": statistics.median(t for t, _ in cpu), "bare_cpu_s": statistics.median(b for _, b in cpu),
+        "cpu_overhead": statistics.median(cpu_ratios), "cpu_overhead_pairs": cpu_ratios,
+        "workers": args.workers, "threads": args.threads, "peak_rss_mb": peak_rss_mb(),
     }
 
 

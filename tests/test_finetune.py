@@ -164,3 +164,22 @@ def test_replay_limits_forgetting_on_a_pretraining_dataset(pretrained):
         tuned = MultiTaskModel.load(result.exported)
         rises[ratio] = mae(tuned, pretrained["store"], "mp_pbeu", "mp_pbeu") - start
     assert rises[0.5] < rises[0.0], rises
+
+
+def test_mixed_data_builds_main_and_replay_graphs_at_the_given_cutoffs(pretrained):
+    """Fine-tuning's stream (new data + replay) follows the model's cutoffs, as pretraining's does."""
+    from lampretrain.finetune.run import MixedData
+    from lampretrain.graph.batch import edge_vectors
+    from lampretrain.train.data import build_train_data
+
+    def data(store):
+        return build_train_data(parse_recipe(tiny_recipe(store, pretrained["root"] / "unused", 1)).data, 0, 1, seed=0)
+
+    mixed = MixedData(data(pretrained["feo"]), torch.tensor([0]), data(pretrained["store"]), torch.tensor([0, 1]), 0.5)
+    mixed.use_cutoffs(3.0, 2.0)
+    stream = mixed.stream(0, 0)
+    for _ in range(2):  # one new batch, then one replay batch
+        _, _, batch = next(stream)
+        lengths = edge_vectors(batch.positions, batch.cell, batch).norm(dim=-1)
+        assert batch.num_edges > 0 and lengths.max() < 3.0
+        assert batch.num_angles == 0 or lengths[batch.angle_index].max() < 2.0

@@ -194,7 +194,13 @@ def test_graphs_follow_the_model_cutoffs_not_the_store_ones(tmp_path):
     from lampretrain.graph.batch import build_graph
     from lampretrain.store.index import StoreIndex
     from lampretrain.train.data import build_train_data
-    from lampretrain.train.trainer import TrainHooks, _graphs_at_model_cutoffs, build_model
+    from lampretrain.train import pretrain
+    from lampretrain.train.trainer import TrainHooks, build_model
+
+    class KeepData(TrainHooks):  # the trainer's own data object, after it has run
+        def build_data(self, recipe, rank, world_size):
+            self.data = super().build_data(recipe, rank, world_size)
+            return self.data
 
     store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.2,
                        graphs={"cutoff": 5.0, "three_body_cutoff": 3.5})
@@ -206,7 +212,9 @@ def test_graphs_follow_the_model_cutoffs_not_the_store_ones(tmp_path):
 
     model = build_model(recipe, data.datasets, data.index.stats())
     assert (model.backbone.config.cutoff, model.backbone.config.three_body_cutoff) == (4.0, 3.0)
-    _graphs_at_model_cutoffs(model, data)
+    hooks = KeepData()
+    pretrain(recipe, hooks=hooks)
+    data = hooks.data
     _, _, batch = next(data.stream(0, 0))  # the same frames (position 0 of epoch 0), rebuilt at 4 / 3 Å
     assert torch.equal(batch.positions, at_store.positions)
     lengths = _edge_lengths(batch)

@@ -22,9 +22,11 @@ from ..store.index import StoreIndex
 
 
 def store_batches(
-    store: str, heads: dict[str, int], split: str = "train", max_natoms: int | None = None, graphs: int = 16
+    store: str, heads: dict[str, int], split: str = "train", max_natoms: int | None = None, graphs: int = 16,
+    cutoffs: tuple[float, float] | None = None,
 ) -> Iterator[GraphBatch]:
-    """Batches of every labelled frame of ``split`` whose store dataset is a key of ``heads`` (name → head index)."""
+    """Batches of every labelled frame of ``split`` whose store dataset is a key of ``heads`` (name → head index),
+    with graphs at ``cutoffs`` (pair, three-body; Å: the model's), default the store's."""
     index = StoreIndex.open(store)
     unknown = sorted(set(heads) - set(index.datasets))
     if unknown:
@@ -35,7 +37,8 @@ def store_batches(
     if max_natoms is not None:
         keep &= index.natoms[rows] <= max_natoms
     frames = LmdbFrameDataset.from_index(index, split)
-    collate = GraphCollate(index.cutoff, index.three_body_cutoff, dict(heads))
+    pair, three_body = cutoffs if cutoffs is not None else (index.cutoff, index.three_body_cutoff)
+    collate = GraphCollate(pair, three_body, dict(heads))
     positions = np.nonzero(keep)[0]
     for start in range(0, positions.size, graphs):
         yield collate([frames[int(i)] for i in positions[start : start + graphs]])

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..graph.batch import GraphBatch
+from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train.data import TrainData, build_train_data
@@ -46,6 +47,12 @@ class MixedData:
         self.rho = ratio / (1.0 - ratio)
         self.sampler = main.sampler
         self.datasets = main.datasets
+
+    def use_cutoffs(self, cutoff: float, three_body_cutoff: float) -> None:
+        """Build both streams' graphs at these cutoffs (the model's): :meth:`TrainData.use_cutoffs`."""
+        for data in (self.main, self.replay):
+            if data is not None:
+                data.use_cutoffs(cutoff, three_body_cutoff)
 
     def stream(self, epoch: int, position: int) -> Iterator[tuple[int, int, GraphBatch]]:
         per_epoch = max(len(self.main.sampler), 1)
@@ -91,7 +98,9 @@ class FinetuneHooks(TrainHooks):
             model = with_new_head(model, spec, ft.init_from)
         else:
             model.dataset_index(self.head)  # names the heads when it is not one of them
-        batches = lambda: store_batches(recipe.data.store, {self.data_name: 0}, "train", recipe.data.max_natoms)  # noqa: E731
+        batches = lambda: store_batches(  # noqa: E731
+            recipe.data.store, {self.data_name: 0}, "train", recipe.data.max_natoms, cutoffs=graph_cutoffs(model)
+        )
         before = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).mae_per_atom
         delta = change_bias(model, self.head, batches()) if ft.refit_references else {}
         after = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).mae_per_atom
@@ -140,7 +149,9 @@ class FinetuneHooks(TrainHooks):
         if self.eval_split is None:
             return {}
         data = self.recipe.data
-        batches = store_batches(data.store, {self.data_name: 0}, self.eval_split, data.max_natoms)
+        batches = store_batches(
+            data.store, {self.data_name: 0}, self.eval_split, data.max_natoms, cutoffs=graph_cutoffs(self.model)
+        )
         mae = energy_errors(self.model, (self.model.for_dataset(b, self.head) for b in batches)).mae_per_atom
         return {f"{self.eval_split}_mae": mae}
 

@@ -189,12 +189,6 @@ def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> M
     return MultiTaskModel(config)
 
 
-def _graphs_at_model_cutoffs(model: MultiTaskModel, data: TrainData) -> None:
-    """Build the loader's graphs at the model's cutoffs (inference builds them there too), not the store's."""
-    if hasattr(data, "use_cutoffs"):  # fine-tuning mixes stores (finetune.run.MixedData)
-        data.use_cutoffs(*graph_cutoffs(model))
-
-
 def _autocast(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     if recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda"):
         if device.type != "cuda":
@@ -258,7 +252,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     torch.manual_seed(tr.seed)  # same initial weights on every rank (DDP also broadcasts them)
     data = hooks.build_data(recipe, ctx.rank, ctx.world_size)
     model = hooks.build_model(recipe, data)
-    _graphs_at_model_cutoffs(model, data)
+    data.use_cutoffs(*graph_cutoffs(model))  # inference builds graphs at the model's cutoffs too, not the store's
     malloc.set_mmap_threshold(malloc.resolve(tr.malloc_mmap_threshold_mb, graph_cutoffs(model)[1]))
     objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
     o = recipe.optim

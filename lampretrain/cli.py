@@ -5,6 +5,7 @@
     lampretrain pretrain RECIPE.yaml      train (one process, or under torchrun / the deepspeed launcher)
     lampretrain finetune RECIPE.yaml      fine-tune a pretrained checkpoint (--from CKPT)
     lampretrain sweep SWEEP.yaml          many fine-tuning trials on Ray Tune (ASHA), MLflow child runs, best exported
+    lampretrain change-bias CKPT STORE    refit each head's element references on a store, save the model
     lampretrain evaluate CKPT DATA        per-dataset MAE/RMSE vs the mean baseline, parity plots
     lampretrain export CKPT               torch.export of energy/forces/stress for one dataset head
     lampretrain inspect STORE             what a store holds (index, statistics, prep report)
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "launch": run_launch,
             "finetune": run_finetune,
             "sweep": run_finetune,
+            "change-bias": run_finetune,
             "evaluate": run_inference,
             "export": run_inference,
         }

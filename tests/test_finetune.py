@@ -183,3 +183,26 @@ def test_mixed_data_builds_main_and_replay_graphs_at_the_given_cutoffs(pretraine
         lengths = edge_vectors(batch.positions, batch.cell, batch).norm(dim=-1)
         assert batch.num_edges > 0 and lengths.max() < 3.0
         assert batch.num_angles == 0 or lengths[batch.angle_index].max() < 2.0
+
+
+def test_change_bias_command_refits_every_head_and_saves_a_model_that_reproduces_it(pretrained, tmp_path, capsys):
+    """`lampretrain change-bias CKPT STORE --out F`: each head's train MAE can only go down (LAD refit); the saved
+    model loads with the shifted references and predicts what the refit model in memory predicts."""
+    from lampretrain.cli import main
+    from lampretrain.finetune.bias import refit_store_references
+    from lampretrain.inference.loading import load_model
+
+    model = load_model(pretrained["checkpoint"])
+    refits = refit_store_references(model, str(pretrained["store"]))
+    assert [r.dataset for r in refits] == ["mp_pbeu", "oxides_pbe"]
+    assert all(r.mae_after <= r.mae_before + 1e-9 and r.frames > 0 for r in refits)
+    assert any(abs(d) > 1e-6 for r in refits for d in r.delta.values())
+
+    out = tmp_path / "refit.pt"
+    assert main(["change-bias", str(pretrained["checkpoint"]), str(pretrained["store"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mp_pbeu" in printed and "oxides_pbe" in printed and str(out) in printed
+    saved = MultiTaskModel.load(out).eval()
+    for name in ("mp_pbeu", "oxides_pbe"):
+        assert mae(saved, pretrained["store"], name, name) == pytest.approx(mae(model, pretrained["store"], name, name),
+                                                                           rel=1e-6)

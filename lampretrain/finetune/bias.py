@@ -126,3 +126,37 @@ def change_bias(model: MultiTaskModel, head: str, batches: Iterator[GraphBatch])
     delta = reference_shift(energy_errors(model, (model.for_dataset(b, head) for b in batches)))
     apply_shift(model, head, delta)
     return delta
+
+
+@dataclass
+class Refit:
+    dataset: str
+    frames: int
+    mae_before: float  # eV/atom on the refit frames
+    mae_after: float
+    delta: dict[int, float]  # eV per atom of element z
+
+
+def refit_store_references(
+    model: MultiTaskModel, store: str, datasets: list[str] | None = None, split: str = "train"
+) -> list[Refit]:
+    """Change-bias of every head named by a dataset of ``store`` (or of ``datasets``) on that dataset's ``split``
+    frames, graphs at the model's cutoffs; what deepmd-kit's ``dp change-bias`` does after training."""
+    from ..models import graph_cutoffs
+
+    names = datasets or [n for n in StoreIndex.open(store).datasets if n in model.dataset_names]
+    if not names:
+        raise ValueError(f"{store}: none of its datasets is a head of this model ({', '.join(model.dataset_names)})")
+    refits = []
+    for name in names:
+        model.dataset_index(name)  # names the heads when it is not one of them
+
+        def batches():
+            return store_batches(store, {name: 0}, split, cutoffs=graph_cutoffs(model))
+
+        before = energy_errors(model, (model.for_dataset(b, name) for b in batches()))
+        delta = change_bias(model, name, batches())
+        after = energy_errors(model, (model.for_dataset(b, name) for b in batches())).mae_per_atom
+        refits.append(Refit(name, before.label.size, before.mae_per_atom, after, delta))
+    return refits
+

@@ -23,6 +23,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="stop at this step (the schedule still follows train.steps)")
 
     p = subparsers.add_parser(
+        "change-bias",
+        help="refit a trained model's per-dataset element references on a store (deepmd-kit's change-bias)",
+        description="Refit the element references of each dataset head of CHECKPOINT on that dataset's frames in "
+        "STORE (least absolute deviations of the per-atom energy, so the MAE on those frames can only go down; "
+        "backbone and heads untouched) and save the model to --out, which evaluate, export and the calculator load. "
+        "Prints each head's energy MAE before and after.",
+    )
+    p.add_argument("checkpoint", help="checkpoint directory, run directory or saved model file")
+    p.add_argument("store", help="prepared store whose dataset names are heads of the model")
+    p.add_argument("--out", required=True, help="where to save the refit model (MultiTaskModel.save)")
+    p.add_argument("--datasets", nargs="+", help="only these heads (default: every store dataset the model has)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train", help="frames to fit (default: train)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="checkpoint weights (default: ema)")
+
+    p = subparsers.add_parser(
         "sweep",
         help="many fine-tuning trials on Ray Tune (grid/random search, ASHA), MLflow child runs, best model exported",
         description="Run the trials of SWEEP (recipes/sweep-*.yaml): each is `lampretrain finetune` of the sweep's "
@@ -41,6 +56,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "change-bias":
+        return _change_bias(args)
     from . import finetune, load_finetune
     from .property import PropertyReport
 
@@ -68,3 +85,18 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"  summary:    {result.summary}  ({len(result.rows)} trials, {result.wall_s:.0f} s)")
     print(f"  MLflow run: {result.parent_run_id} in {result.mlflow_uri}")
     return 0 if result.best is not None else 1
+
+
+def _change_bias(args: argparse.Namespace) -> int:
+    from ..inference.loading import load_model
+    from .bias import refit_store_references
+
+    model = load_model(args.checkpoint, args.weights)
+    for r in refit_store_references(model, args.store, args.datasets, args.split):
+        shifts = ", ".join(f"Z={z}: {d * 1e3:+.1f}" for z, d in sorted(r.delta.items()))
+        print(f"{r.dataset:<16} {r.frames:>6} frames  energy MAE {r.mae_before * 1e3:9.3f} → {r.mae_after * 1e3:9.3f} "
+              f"meV/atom  (δ meV: {shifts})")
+    model.save(args.out)
+    print(f"saved {args.out}")
+    return 0
+

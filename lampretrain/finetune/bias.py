@@ -17,6 +17,7 @@ import torch
 
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
+from ..models import graph_cutoffs
 from ..models.multitask import MultiTaskModel
 from ..store.index import StoreIndex
 
@@ -142,8 +143,6 @@ def refit_store_references(
 ) -> list[Refit]:
     """Change-bias of every head named by a dataset of ``store`` (or of ``datasets``) on that dataset's ``split``
     frames, graphs at the model's cutoffs; what deepmd-kit's ``dp change-bias`` does after training."""
-    from ..models import graph_cutoffs
-
     names = datasets or [n for n in StoreIndex.open(store).datasets if n in model.dataset_names]
     if not names:
         raise ValueError(f"{store}: none of its datasets is a head of this model ({', '.join(model.dataset_names)})")

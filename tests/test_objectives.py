@@ -174,6 +174,28 @@ def test_noisy_graphs_enter_only_through_the_denoising_term(batch):
     assert not torch.isclose(keep(moved, batch)[0], keep(out, batch)[0])
 
 
+def test_final_weights_follow_the_learning_rate(batch):
+    """c(s) = c_f + (c − c_f)·lr/lr_peak per task (deepmd-kit's start/limit prefactors); tasks without a final
+    weight keep theirs; the loss moves with the weights."""
+    config = ObjectiveConfig(balancing="none", energy_weight=0.5, force_weight=10.0, final_weights={"energy": 5.0})
+    objective = MultiTaskObjective(config, DATASETS)
+    out = predictions(batch)
+    at_peak, metrics = objective(out, batch)
+    assert float(metrics["mp_pbeu/energy_weight"]) == pytest.approx(0.5)
+    for fraction in (0.5, 0.0):
+        objective.follow_lr(fraction)
+        loss, metrics = objective(out, batch)
+        energy_weight = 5.0 + (0.5 - 5.0) * fraction
+        assert float(metrics["cho_mn15/energy_weight"]) == pytest.approx(energy_weight)
+        assert float(metrics["cho_mn15/forces_weight"]) == pytest.approx(10.0)
+        energy_terms = sum(float(metrics[f"{n}/energy_mae"]) for n in IDS)
+        assert float(loss - at_peak) == pytest.approx((energy_weight - 0.5) * energy_terms, rel=1e-5)
+    with pytest.raises(ValueError, match="final_weights.magmoms: the magmoms weight is 0"):
+        ObjectiveConfig(magmom_weight=0.0, final_weights={"magmoms": 1.0})
+    with pytest.raises(ValueError, match="unknown task 'force'"):
+        ObjectiveConfig(final_weights={"force": 1.0})
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="unknown key\\(s\\) energy_wieght"):
         ObjectiveConfig.from_dict({"energy_wieght": 1.0})

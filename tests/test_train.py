@@ -227,6 +227,43 @@ def test_graphs_follow_the_model_cutoffs_not_the_store_ones(tmp_path):
     assert 3.5 < val_lengths.max() < 4.0
 
 
+def test_trainer_anneals_loss_weights_with_the_lr(tmp_path):
+    """objective.final_weights through the real trainer: every step's logged weight is the static one times
+    c(s)/c at that step's lr/lr_peak (1 during warmup)."""
+    from finetune_support import FEO, make_store, tiny_recipe
+
+    from lampretrain.objectives import ObjectiveConfig
+    from lampretrain.train import pretrain
+    from lampretrain.train.schedules import annealing_fraction
+    from lampretrain.train.trainer import TrainHooks
+
+    class Record(TrainHooks):
+        def __init__(self):
+            self.logged: dict[int, dict[str, float]] = {}
+
+        def on_log(self, step, metrics):
+            self.logged[step] = metrics
+
+    store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.0, graphs={})
+    raw = tiny_recipe(store, tmp_path / "run", steps=6)
+    raw["objective"]["options"]["final_weights"] = {"energy": 20.0, "forces": 1.0}
+    raw["schedule"] = {"kind": "cosine", "warmup_steps": 2, "min_lr": 0.0}
+    raw["train"]["log_every"] = 1
+    recipe = parse_recipe(raw)
+    hooks = Record()
+    pretrain(recipe, hooks=hooks)
+    config = recipe.objective.config()
+    assert sorted(hooks.logged) == [1, 2, 3, 4, 5, 6]
+    start = hooks.logged[1]
+    for step, metrics in hooks.logged.items():
+        fraction = annealing_fraction(step - 1, 6, recipe.schedule, recipe.optim.lr)
+        energy, forces = config.task_factors(fraction)[:2]
+        assert metrics["mp_pbeu/energy_weight"] == pytest.approx(start["mp_pbeu/energy_weight"] * energy, rel=1e-6)
+        assert metrics["mp_pbeu/forces_weight"] == pytest.approx(start["mp_pbeu/forces_weight"] * forces, rel=1e-6)
+    assert annealing_fraction(1, 6, recipe.schedule, recipe.optim.lr) == 1.0  # warmup leaves the weights alone
+    assert hooks.logged[6]["mp_pbeu/energy_weight"] > 5 * start["mp_pbeu/energy_weight"]
+
+
 def _frames_of(batch, data) -> list:
     """The store frames of a train batch, found by their positions (FeO relaxation steps all differ)."""
     frames = [data.loader.dataset[i] for i in range(len(data.loader.dataset))]

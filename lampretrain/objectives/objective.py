@@ -7,6 +7,10 @@ filled with zeros. Graphs displaced for denoising (``out["noisy"]``) leave the
 E/F/σ/m terms (their labels belong to the undisplaced structure) and enter only
 through the denoising term λ_dn · mean_i ‖ε̂_i − ε_i/σ‖ over displaced atoms
 (``energy_on_noisy`` keeps their energy term, DeNS's "predict the original energy").
+With ``final_weights`` a task's coefficient follows the learning rate from its start value c
+to its final value c_f, c(s) = c_f + (c − c_f)·lr(s)/lr_peak (deepmd-kit's start_pref/limit_pref):
+forces can lead while the backbone forms and energies get the weight once the lr is small enough
+to resolve their frame-to-frame differences; the trainer calls ``follow_lr`` every step.
 No ``.item()``, no branching on tensor values: metrics stay tensors on the device.
 """
 
@@ -38,6 +42,7 @@ class ObjectiveConfig:
     uncertainty_max_ratio: float | None = None  # uncertainty: weights stay within this factor of the static ones
     denoising_weight: float = 10.0  # λ_dn, deepmd-kit DPA4 dens default
     energy_on_noisy: bool = False
+    final_weights: dict[str, float] = field(default_factory=dict)  # task → coefficient at the end of the lr decay
 
     def __post_init__(self) -> None:
         if self.balancing not in BALANCING:
@@ -49,6 +54,26 @@ class ObjectiveConfig:
             raise ValueError(f"objective.static_max_ratio must be ≥ 1, got {self.static_max_ratio}")
         if self.uncertainty_max_ratio is not None and not self.uncertainty_max_ratio > 1:
             raise ValueError(f"objective.uncertainty_max_ratio must be > 1 (or null), got {self.uncertainty_max_ratio}")
+        for task, final in self.final_weights.items():
+            if task not in TASKS:
+                raise ValueError(f"objective.final_weights: unknown task '{task}'; tasks: {', '.join(TASKS)}")
+            if final < 0:
+                raise ValueError(f"objective.final_weights.{task} must be ≥ 0, got {final}")
+            if not self.start_weights()[TASKS.index(task)] > 0:
+                raise ValueError(f"objective.final_weights.{task}: the {task} weight is 0, so there is nothing to "
+                                 "anneal; give it a small start weight (deepmd-kit starts energy at 0.02)")
+
+    def start_weights(self) -> list[float]:
+        """Coefficient per task in TASKS order at the peak learning rate."""
+        return [self.energy_weight, self.force_weight, self.stress_weight, self.magmom_weight]
+
+    def task_factors(self, lr_fraction: float) -> list[float]:
+        """c(s)/c per task in TASKS order at lr(s)/lr_peak = ``lr_fraction`` (1 for a task without a final weight)."""
+        factors = []
+        for task, start in zip(TASKS, self.start_weights()):
+            final = self.final_weights.get(task)
+            factors.append(1.0 if final is None else (final + (start - final) * lr_fraction) / start)
+        return factors
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveConfig":
@@ -71,7 +96,7 @@ class MultiTaskObjective(torch.nn.Module):
             raise ValueError(
                 f"objective.dataset_weights: unknown dataset(s) {', '.join(unknown)}; known: {', '.join(self.names)}"
             )
-        task = torch.tensor([config.energy_weight, config.force_weight, config.stress_weight, config.magmom_weight])
+        task = torch.tensor(config.start_weights())
         per_dataset = torch.tensor([float(config.dataset_weights.get(n, 1.0)) for n in self.names])
         scales = torch.tensor([[d.energy_rms, d.force_rms, 1.0, 1.0] for d in datasets], dtype=torch.float64)
         self.balancer = LossBalancer(
@@ -80,6 +105,13 @@ class MultiTaskObjective(torch.nn.Module):
         )
         self.active_tasks = [t for t, w in enumerate(task.tolist()) if w > 0]  # fixed by the config, not by data
         self.register_buffer("active", (task > 0)[None, :].expand(len(self.names), -1).clone())
+        # not persistent: set from the step by follow_lr, so checkpoints stay loadable either way
+        self.register_buffer("task_factor", torch.ones(len(TASKS)), persistent=False)
+
+    def follow_lr(self, lr_fraction: float) -> None:
+        """Move the annealed task weights to lr(s)/lr_peak = ``lr_fraction`` (no-op without final_weights)."""
+        if self.config.final_weights:
+            self.task_factor.copy_(torch.tensor(self.config.task_factors(lr_fraction)))
 
     def forward(self, out: Mapping[str, torch.Tensor], batch: GraphBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         k = len(self.names)
@@ -107,7 +139,7 @@ class MultiTaskObjective(torch.nn.Module):
         losses = torch.stack([m.float() for m in means], dim=1)  # (K, T)
         count = torch.stack(counts, dim=1)  # (K, T)
         present = (count > 0) & self.active
-        loss, terms = self.balancer(losses, present)
+        loss, terms = self.balancer(losses * self.task_factor, present)
         metrics: dict[str, torch.Tensor] = {}
         if "noise_pred" in out:
             dn, dn_count = masked_group_mean(
@@ -118,7 +150,7 @@ class MultiTaskObjective(torch.nn.Module):
             metrics["denoise"] = dn[0].detach()
             metrics["denoise_atoms"] = dn_count[0]
         metrics["loss"] = loss.detach()
-        weights = self.balancer.weights().detach()
+        weights = self.balancer.weights().detach() * self.task_factor
         n_graphs = scatter_sum(torch.ones_like(graph_ds), graph_ds, k)
         for d, name in enumerate(self.names):
             metrics[f"{name}/loss"] = terms[d].sum().detach()

@@ -43,3 +43,11 @@ def lr_factor(step: int, total: int, cfg: ScheduleSection, peak: float) -> float
     if step < decay_start:
         return 1.0
     return cosine_factor((step - decay_start) / max(total - decay_start, 1), floor)
+
+
+def annealing_fraction(step: int, total: int, cfg: ScheduleSection, peak: float) -> float:
+    """lr(step)/peak once warmup is over, 1 during it: how far the decay has gone, which loss weights
+    that follow the learning rate read (objective ``final_weights``), so warmup does not move them."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return 1.0
+    return lr_factor(step, total, cfg, peak)

@@ -3,6 +3,7 @@
 One optimizer step, as :func:`pretrain` runs it::
 
     lr = peak · lr_factor(step)                        # schedules.py, a pure function of the step
+    objective.follow_lr(lr / peak)                     # loss weights annealed with the lr (final_weights)
     for k in range(grad_accum):                        # micro-batches from the cost-balanced sampler
         with engine.gradient_sync(k == grad_accum - 1):
             out = engine.forward(batch)                # energy, forces = −∂E/∂x, stress (create_graph)
@@ -39,7 +40,7 @@ from .data import TrainData, build_train_data, build_val_loader
 from .distributed import Context, setup, teardown
 from .ema import EMA
 from .engines import Engine, make_engine
-from .schedules import lr_factor
+from .schedules import annealing_fraction, lr_factor
 from .tracking import Tracker
 from .validation import validate
 
@@ -310,6 +311,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
     while step < stop_at:
         engine.set_lr(o.lr * lr_factor(step, tr.steps, recipe.schedule, o.lr))
+        objective.follow_lr(annealing_fraction(step, tr.steps, recipe.schedule, o.lr))
         for k in range(tr.grad_accum):
             epoch, position, batch = next(stream)
             batch = batch.to(ctx.device, non_blocking=True)

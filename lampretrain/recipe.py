@@ -152,10 +152,16 @@ class TrainSection:
     # CPU memory against speed: glibc's mmap threshold in MiB, auto (4 with a line graph, as MatRIS has) or null
     # (glibc's dynamic default). 4 halves dense MatRIS training's peak memory at 1.3-1.7x the step time: malloc.py
     malloc_mmap_threshold_mb: float | Literal["auto"] | None = None
+    # after the last step, refit each head's element references on up to this many evenly spaced train frames
+    # of its dataset (change-bias, train/references.py) before the final checkpoint; null: the prep references
+    refit_references: int | None = None
 
     def check(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
             raise ConfigError("steps and grad_accum must be >= 1")
+        if self.refit_references is not None and self.refit_references < 1:
+            raise ConfigError(f"train.refit_references: frames per dataset must be >= 1 (or null), got "
+                              f"{self.refit_references}")
         if isinstance(self.malloc_mmap_threshold_mb, float) and not 0 < self.malloc_mmap_threshold_mb < 2048:
             raise ConfigError(f"train.malloc_mmap_threshold_mb: mallopt takes 0 < MiB < 2048, got "
                               f"{self.malloc_mmap_threshold_mb} (auto or null for the defaults)")
@@ -211,6 +217,9 @@ class Recipe:
             from .train.engines.deepspeed import ZERO2_ACCUMULATION
 
             raise ConfigError("engine.zero_stage: " + ZERO2_ACCUMULATION.format(grad_accum=self.train.grad_accum))
+        if self.train.refit_references and self.model.heads.get("trainable_references"):
+            raise ConfigError("train.refit_references: the references are trainable (model.heads.trainable_references), "
+                              "so the optimizer already fits them; drop one of the two")
 
 
 def _number_literal(override: str) -> str:

@@ -50,7 +50,7 @@ def tiny_recipe(store: Path, output: Path, steps: int) -> dict:
     # pinned here, not inherited: the demo's loss weights are tuned for its own datasets and length
     recipe["objective"] = {"energy": 2.0, "forces": 10.0, "stress": 0.1, "options": {"balancing": "static"}}
     recipe["output"] = str(output)
-    recipe["train"].update(steps=steps, progress=False, log_every=2, ema_decay=None)
+    recipe["train"].update(steps=steps, progress=False, log_every=2, ema_decay=None, refit_references=None)
     recipe["schedule"] = {"kind": "constant"}
     recipe["checkpoint"] = {"every": steps, "keep": 1}
     return recipe

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lampretrain.finetune import finetune, parse_finetune
-from lampretrain.finetune.bias import energy_errors, store_batches
+from lampretrain.train.references import energy_errors, store_batches
 from lampretrain.finetune.lora import LoRALinear, add_lora, fold_lora
 from lampretrain.finetune.model import freeze, load_pretrained, lr_scales
 from lampretrain.models.multitask import MultiTaskModel
@@ -75,6 +75,9 @@ def test_checkpoint_recipe_fills_missing_sections_and_needs_a_checkpoint(pretrai
     assert recipe.finetune.freeze == "backbone" and recipe.optim.lr == 1e-4 and recipe.train.steps == 3
     with pytest.raises(ConfigError, match="lr_decay"):
         parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3, lr_decay=0.0), pretrained["checkpoint"])
+    with pytest.raises(ConfigError, match="fine-tuning refits its head's references before step 0"):
+        parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3), pretrained["checkpoint"],
+                       ["train.refit_references=8"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("finetune-*.yaml")), ids=lambda p: p.name)
@@ -189,7 +192,7 @@ def test_change_bias_command_refits_every_head_and_saves_a_model_that_reproduces
     """`lampretrain change-bias CKPT STORE --out F`: each head's train MAE can only go down (LAD refit); the saved
     model loads with the shifted references and predicts what the refit model in memory predicts."""
     from lampretrain.cli import main
-    from lampretrain.finetune.bias import refit_store_references
+    from lampretrain.train.references import refit_store_references
     from lampretrain.inference.loading import load_model
 
     model = load_model(pretrained["checkpoint"])

@@ -264,6 +264,64 @@ def test_trainer_anneals_loss_weights_with_the_lr(tmp_path):
     assert hooks.logged[6]["mp_pbeu/energy_weight"] > 5 * start["mp_pbeu/energy_weight"]
 
 
+def test_trainer_refits_references_after_the_last_step(tmp_path):
+    """train.refit_references: the final checkpoint carries the refit references (model config and table agree),
+    its energy MAE on the refit frames is the logged 'after' and no more than 'before'; a --max-steps stop does not
+    refit."""
+    import mlflow
+    from finetune_support import FEO, make_store, tiny_recipe
+
+    from lampretrain.inference.loading import load_model
+    from lampretrain.models import graph_cutoffs
+    from lampretrain.train import pretrain
+    from lampretrain.train.references import energy_errors, store_batches
+
+    store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.0, graphs={})
+    raw = tiny_recipe(store, tmp_path / "run", steps=4)
+    raw["train"]["refit_references"] = 6
+    partial = pretrain(parse_recipe(raw), max_steps=2)
+    client = mlflow.MlflowClient(tracking_uri=partial.mlflow_uri)
+    assert not any(k.startswith("refit/") for k in client.get_run(partial.mlflow_run_id).data.metrics)
+    result = pretrain(parse_recipe(raw), resume="auto")
+    logged = client.get_run(result.mlflow_run_id).data.metrics
+    model = load_model(result.checkpoint)
+    k = model.dataset_index("mp_pbeu")
+    refs = model.config.datasets[k].element_references
+    assert {z: model.references.table[k, z].item() for z in refs} == pytest.approx(refs, rel=0, abs=1e-12)
+    frames = store_batches(str(store), {"mp_pbeu": k}, cutoffs=graph_cutoffs(model), max_frames=6)
+    errors = energy_errors(model, frames)
+    assert errors.label.size == 6
+    assert errors.mae_per_atom == pytest.approx(logged["refit/mp_pbeu/energy_mae_after"], rel=1e-5)
+    assert logged["refit/mp_pbeu/energy_mae_after"] <= logged["refit/mp_pbeu/energy_mae_before"]
+
+
+def test_matris_resume_equals_uninterrupted(tmp_path):
+    """MatRIS has a parameter that never reaches the loss (its last bond update), so AdamW holds no state for it
+    and its checkpoints lack that entry: resume must leave it stateless (not fail on the fresh template's state)
+    and reach the uninterrupted run's step 4 bitwise."""
+    from finetune_support import FEO, make_store, tiny_recipe
+
+    from lampretrain.train import pretrain
+
+    store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.0, graphs={})
+    runs = {}
+    for kind in ("ref", "split"):
+        raw = tiny_recipe(store, tmp_path / kind, steps=4)
+        raw["tracking"] = {"enabled": False}
+        if kind == "split":
+            assert pretrain(parse_recipe(raw), max_steps=2).step == 2
+            runs[kind] = pretrain(parse_recipe(raw), resume="auto").checkpoint
+        else:
+            runs[kind] = pretrain(parse_recipe(raw)).checkpoint
+    a, b = (saved_tensors(runs[k], tmp_path) for k in ("ref", "split"))
+    block = [k for k in a if k.startswith("/optim/backbone.blocks.1.")]
+    assert block and not any("line_refinement.edge_scale" in k for k in block)
+    assert a.keys() == b.keys() and any(k.startswith("/optim") for k in a)
+    for k in a:
+        if k.startswith(("/model", "/optim")):
+            assert torch.equal(a[k], b[k]), k
+
+
 def _frames_of(batch, data) -> list:
     """The store frames of a train batch, found by their positions (FeO relaxation steps all differ)."""
     frames = [data.loader.dataset[i] for i in range(len(data.loader.dataset))]
@@ -371,7 +429,8 @@ def resume_worker(*recipes: str) -> None:
 @pytest.mark.slow
 def test_fsdp_and_deepspeed_resume_equals_uninterrupted(store, tmp_path):
     """2 ranks, FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3: checkpoint at step 2 (sharded model, optimizer and EMA; ZeRO's
-    fp32 partitions), resume, and step 4 equals the uninterrupted run's step 4 bitwise."""
+    fp32 partitions), resume, and step 4 equals the uninterrupted run's step 4 bitwise, the references refit after
+    the last step (train.refit_references, gathered parameters, rank 0's fit on every rank) included."""
     pytest.importorskip("deepspeed")
     engines = {"fsdp": {"name": "fsdp"}, "zero2": {"name": "deepspeed", "zero_stage": 2},
                "zero3": {"name": "deepspeed", "zero_stage": 3}}
@@ -379,8 +438,8 @@ def test_fsdp_and_deepspeed_resume_equals_uninterrupted(store, tmp_path):
     for name, engine in engines.items():
         for kind in ("ref", "split"):
             (tmp_path / name / kind).mkdir(parents=True)
-            recipes.append(str(write_recipe(tmp_path / name / kind, store, engine=engine, train={"steps": 4},
-                                            tracking={"enabled": False})))
+            recipes.append(str(write_recipe(tmp_path / name / kind, store, engine=engine,
+                                            train={"steps": 4, "refit_references": 4}, tracking={"enabled": False})))
     proc = subprocess.run(
         [*pretrain_cmd(Path(recipes[0]))[:-4], __file__, *recipes],
         capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO,
@@ -394,6 +453,8 @@ def test_fsdp_and_deepspeed_resume_equals_uninterrupted(store, tmp_path):
         assert len(compared) > 20 and any(k.startswith(("/optim", "/zero")) for k in compared)
         for k in compared:  # bitwise on CPU: same data order, RNG states and reduction order
             assert torch.equal(a[k], b[k]), f"{name} {k}"
+        before = saved_tensors(tmp_path / name / "split" / "run" / "checkpoints" / "step-000000002", tmp_path)
+        assert not torch.equal(a["/model/references.table"], before["/model/references.table"])  # refit at step 4
 
 
 @pytest.mark.slow

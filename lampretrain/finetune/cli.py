@@ -89,10 +89,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _change_bias(args: argparse.Namespace) -> int:
     from ..inference.loading import load_model
-    from .bias import refit_store_references
+    from ..train.references import refit_store_references
 
     model = load_model(args.checkpoint, args.weights)
     for r in refit_store_references(model, args.store, args.datasets, args.split):
+        if not r.frames:
+            print(f"{r.dataset:<16} no energy-labelled {args.split} frames: references kept")
+            continue
         shifts = ", ".join(f"Z={z}: {d * 1e3:+.1f}" for z, d in sorted(r.delta.items()))
         print(f"{r.dataset:<16} {r.frames:>6} frames  energy MAE {r.mae_before * 1e3:9.3f} → {r.mae_after * 1e3:9.3f} "
               f"meV/atom  (δ meV: {shifts})")

@@ -113,6 +113,12 @@ class FinetuneRecipe(Recipe):
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     property: PropertySection = field(default_factory=PropertySection)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train.refit_references:
+            raise ConfigError("train.refit_references: fine-tuning refits its head's references before step 0 "
+                              "(finetune.refit_references); run `lampretrain change-bias` on the result for a refit after")
+
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Nested dict merge: ``top`` wins; dicts merge key by key, anything else is replaced."""
@@ -148,7 +154,8 @@ def parse_finetune(
         raise ConfigError(f"{where}: no checkpoint to fine-tune: pass --from CHECKPOINT or set finetune.checkpoint")
     base = {k: v for k, v in checkpoint_recipe(source).items() if k not in FRESH}
     train = base.setdefault("train", {})
-    for key in ("steps", "eval_every"):  # the pretraining run's length and its validation cadence on its store
+    # the pretraining run's length, its validation cadence and its end-of-run refit, all on its own store
+    for key in ("steps", "eval_every", "refit_references"):
         train.pop(key, None)
     return from_dict(FinetuneRecipe, _merge(base, data), where)
 

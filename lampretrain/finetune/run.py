@@ -26,7 +26,7 @@ from ..models.multitask import DatasetSpec, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train.data import TrainData, build_train_data
 from ..train.trainer import RunResult, TrainHooks, pretrain
-from .bias import change_bias, energy_errors, store_batches
+from ..train.references import change_bias, energy_errors, store_batches
 from .lora import add_lora, fold_lora
 from .model import freeze, load_pretrained, lr_scales, with_new_head
 from .property import PropertyReport, export_property, train_property, write_summary

@@ -19,6 +19,7 @@ int) and, every ``log_every`` steps, one all-reduce of the metric window.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -39,6 +40,7 @@ from . import checkpoint as ckpt
 from .data import TrainData, build_train_data, build_val_loader
 from .distributed import Context, setup, teardown
 from .ema import EMA
+from .references import apply_shift, refit_store_references
 from .engines import Engine, make_engine
 from .schedules import annealing_fraction, lr_factor
 from .tracking import Tracker
@@ -278,7 +280,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         tensors, extras = _state(engine, ema, objective, ctx)
         if meta["world_size"] != ctx.world_size:
             raise ValueError(f"{source}: saved at world size {meta['world_size']}, resuming at {ctx.world_size}")
-        ckpt.load(source, tensors)
+        ckpt.load(source, tensors, sparse="optim" if "optim" in tensors else None)
         engine.load_state_tensors(tensors, meta["engine"])
         if ema is not None:
             engine.load_local_(ema.state_dict(), tensors["ema"])
@@ -341,6 +343,8 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
                 hooks.on_log(step, last_metrics)
             t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
         preempted = preempt.agreed()
+        if step == tr.steps and tr.refit_references and not preempted:
+            _refit_references(engine, ema, recipe, ctx, tracker, step, bar)
         if val_loader is not None and not preempted and (step % tr.eval_every == 0 or step == stop_at):
             t_val = time.perf_counter()
             val_metrics = validate(engine, val_loader, model.dataset_names, ema, ctx.device)
@@ -427,6 +431,29 @@ def _log(window: MetricWindow, ctx: Context, tracker: Tracker, step: int, second
         if bar is not None and math.isfinite(metrics.get("loss", float("nan"))):
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", atoms_s=f"{metrics['atoms_per_s']:.0f}")
     return metrics
+
+
+def _refit_references(engine: Engine, ema: EMA | None, recipe: Recipe, ctx: Context, tracker: Tracker, step: int,
+                      bar) -> None:
+    """``train.refit_references``: change-bias of every head with the weights the checkpoint serves (EMA), before
+    the final validation and checkpoint. The energies drift by meV/atom per step to the end of a short run, and a
+    dataset of one composition (water) then scores on its offset; the fit runs on rank 0 and every rank applies it."""
+    with ema.applied() if ema is not None else contextlib.nullcontext(), engine.evaluation() as model:
+        refits = None
+        if ctx.is_main:
+            refits = refit_store_references(model, recipe.data.store, recipe.data.datasets,
+                                            max_frames=recipe.train.refit_references, device=ctx.device)
+        refits = _broadcast(refits)
+        if not ctx.is_main:
+            for refit in refits:
+                apply_shift(model, refit.dataset, refit.delta)
+    if ctx.is_main:
+        tracker.log_metrics({f"refit/{r.dataset}/energy_mae_{when}": mae for r in refits if r.frames
+                             for when, mae in (("before", r.mae_before), ("after", r.mae_after))}, step)
+        lines = [f"  {r.dataset}: {r.frames} frames, energy MAE {1e3 * r.mae_before:.2f} -> {1e3 * r.mae_after:.2f} "
+                 "meV/atom" if r.frames else f"  {r.dataset}: no energy-labelled train frames, references kept"
+                 for r in refits]
+        (bar.write if bar is not None else print)("[lampretrain] references refit on train frames:\n" + "\n".join(lines))
 
 
 def _report_val(ctx: Context, bar, step: int, metrics: dict[str, float]) -> None:

@@ -47,4 +47,6 @@ def load_model_optimizer_state(
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    set_optimizer_state_dict(model, optimizer, {"state": tensors["optim"], "param_groups": groups}, options=opts)
+    # not strict: a parameter without a gradient before the save has no AdamW state (checkpoint.load(sparse=))
+    set_optimizer_state_dict(model, optimizer, {"state": tensors["optim"], "param_groups": groups},
+                             options=StateDictOptions(ignore_frozen_params=False, strict=False))

@@ -1,4 +1,7 @@
-"""Change-bias: refit one head's element references on new data before step 0, and energy errors per store.
+"""Change-bias: refit a head's element references on a store's frames, and energy errors per store.
+
+Three users: the trainer after its last step (``train.refit_references``), fine-tuning before
+step 0, and ``lampretrain change-bias`` on a saved model.
 
 δ = argmin_δ Σ_f |E_f − Ê_f − Σ_z n_fz δ_z| / N_f in float64 (a weighted least-absolute-deviations
 fit, solved exactly as a linear program), then ref_k[z] += δ_z. δ = 0 is a candidate, so the
@@ -24,10 +27,11 @@ from ..store.index import StoreIndex
 
 def store_batches(
     store: str, heads: dict[str, int], split: str = "train", max_natoms: int | None = None, graphs: int = 16,
-    cutoffs: tuple[float, float] | None = None,
+    cutoffs: tuple[float, float] | None = None, max_frames: int | None = None,
 ) -> Iterator[GraphBatch]:
     """Batches of every labelled frame of ``split`` whose store dataset is a key of ``heads`` (name → head index),
-    with graphs at ``cutoffs`` (pair, three-body; Å: the model's), default the store's."""
+    with graphs at ``cutoffs`` (pair, three-body; Å: the model's), default the store's; with ``max_frames``
+    that many evenly spaced ones (a trajectory keeps its early and late frames)."""
     index = StoreIndex.open(store)
     unknown = sorted(set(heads) - set(index.datasets))
     if unknown:
@@ -41,8 +45,14 @@ def store_batches(
     pair, three_body = cutoffs if cutoffs is not None else (index.cutoff, index.three_body_cutoff)
     collate = GraphCollate(pair, three_body, dict(heads))
     positions = np.nonzero(keep)[0]
+    if max_frames is not None and positions.size > max_frames:
+        positions = positions[np.unique(np.linspace(0, positions.size - 1, max_frames).round().astype(int))]
     for start in range(0, positions.size, graphs):
         yield collate([frames[int(i)] for i in positions[start : start + graphs]])
+
+
+class NoEnergyLabels(ValueError):
+    """The frames to evaluate carry no energy label."""
 
 
 @dataclass
@@ -78,7 +88,7 @@ def energy_errors(model: MultiTaskModel, batches: Iterator[GraphBatch], device: 
     finally:
         model.train(was_training)
     if not numbers:
-        raise ValueError("no frames with an energy label to evaluate")
+        raise NoEnergyLabels("no frames with an energy label to evaluate")
     return EnergyErrors(np.concatenate(label), np.concatenate(pred), np.concatenate(natoms).astype(np.float64), numbers)
 
 
@@ -135,14 +145,16 @@ class Refit:
     frames: int
     mae_before: float  # eV/atom on the refit frames
     mae_after: float
-    delta: dict[int, float]  # eV per atom of element z
+    delta: dict[int, float]  # eV per atom of element z; empty when the split has no energy labels (refs kept)
 
 
 def refit_store_references(
-    model: MultiTaskModel, store: str, datasets: list[str] | None = None, split: str = "train"
+    model: MultiTaskModel, store: str, datasets: list[str] | None = None, split: str = "train",
+    max_frames: int | None = None, device: torch.device | str = "cpu",
 ) -> list[Refit]:
     """Change-bias of every head named by a dataset of ``store`` (or of ``datasets``) on that dataset's ``split``
-    frames, graphs at the model's cutoffs; what deepmd-kit's ``dp change-bias`` does after training."""
+    frames (at most ``max_frames`` each), graphs at the model's cutoffs; deepmd-kit's ``dp change-bias``. A dataset
+    without energy-labelled frames there keeps its references (a Refit with 0 frames)."""
     names = datasets or [n for n in StoreIndex.open(store).datasets if n in model.dataset_names]
     if not names:
         raise ValueError(f"{store}: none of its datasets is a head of this model ({', '.join(model.dataset_names)})")
@@ -151,11 +163,16 @@ def refit_store_references(
         model.dataset_index(name)  # names the heads when it is not one of them
 
         def batches():
-            return store_batches(store, {name: 0}, split, cutoffs=graph_cutoffs(model))
+            return store_batches(store, {name: 0}, split, cutoffs=graph_cutoffs(model), max_frames=max_frames)
 
-        before = energy_errors(model, (model.for_dataset(b, name) for b in batches()))
-        delta = change_bias(model, name, batches())
-        after = energy_errors(model, (model.for_dataset(b, name) for b in batches())).mae_per_atom
+        try:
+            before = energy_errors(model, (model.for_dataset(b, name) for b in batches()), device)
+        except NoEnergyLabels:
+            refits.append(Refit(name, 0, float("nan"), float("nan"), {}))
+            continue
+        delta = reference_shift(before)
+        apply_shift(model, name, delta)
+        after = energy_errors(model, (model.for_dataset(b, name) for b in batches()), device).mae_per_atom
         refits.append(Refit(name, before.label.size, before.mae_per_atom, after, delta))
     return refits
 

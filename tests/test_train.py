@@ -58,7 +58,7 @@ def write_recipe(tmp_path: Path, store: Path, **sections) -> Path:
     recipe["model"]["options"] = {"channels": 8, "lmax": 1, "n_blocks": 1, "so2_layers": 1, "n_radial": 4, "cutoff": 5.0}
     recipe["model"]["heads"] = {"hidden": [8]}
     recipe["output"] = str(tmp_path / "run")
-    recipe["train"].update(progress=False, log_every=2, steps=8, ema_decay=0.9)
+    recipe["train"].update(progress=False, log_every=2, steps=8, ema_decay=0.9, refit_references=None)
     recipe["checkpoint"].update(every=2, keep=3)
     for name, values in sections.items():
         recipe.setdefault(name, {}).update(values)

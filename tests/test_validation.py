@@ -93,7 +93,8 @@ def direct_maes(checkpoint: Path, store: Path) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", [{"name": "fsdp"}, {"name": "deepspeed", "zero_stage": 3}], ids=["fsdp", "zero3"])
 def test_two_rank_validation_matches_direct_evaluation(store, tmp_path, engine):
-    """Sharded engines gather the (EMA) weights for validation; the logged MAEs equal evaluating the checkpoint."""
+    """Sharded engines gather the (EMA) weights for validation; the logged MAEs equal evaluating the checkpoint,
+    whose references were refit after the last step (demo recipe's train.refit_references)."""
     pytest.importorskip("mlflow")
     if engine["name"] == "deepspeed":
         pytest.importorskip("deepspeed")
@@ -126,6 +127,10 @@ def test_two_rank_validation_matches_direct_evaluation(store, tmp_path, engine):
     assert {"val/mp_pbeu/stress_mae", "val/spice/forces_mae", "val/spice/energy_mae"} <= expected.keys()
     assert "val/spice/stress_mae" not in expected  # molecules carry no stress label
     for key, value in expected.items():
-        assert logged[key] == pytest.approx(value, rel=2e-5), key
+        # the trainer's float32 energy of a SPICE molecule (~1e4 eV) resolves ~1e-3 eV, 4e-5 eV/atom: once the
+        # references are refit after the last step (the recipe's train.refit_references) that is 1e-4 of the MAE
+        tolerance = 2e-5 if key.endswith("energy_mae") else 0.0
+        assert logged[key] == pytest.approx(value, rel=2e-5, abs=tolerance), key
+    assert logged["refit/spice/energy_mae_after"] <= logged["refit/spice/energy_mae_before"]
     history = client.get_metric_history(ckpt.read_meta(last)["mlflow_run_id"], "val/spice/forces_mae")
     assert [m.step for m in history] == [2, 4]

@@ -75,6 +75,9 @@ def test_checkpoint_recipe_fills_missing_sections_and_needs_a_checkpoint(pretrai
     assert recipe.finetune.freeze == "backbone" and recipe.optim.lr == 1e-4 and recipe.train.steps == 3
     with pytest.raises(ConfigError, match="lr_decay"):
         parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3, lr_decay=0.0), pretrained["checkpoint"])
+    run_dir = Path(pretrained["checkpoint"]).parent.parent  # --from a run directory: its newest checkpoint
+    assert Path(parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3), str(run_dir)).finetune.checkpoint) \
+        == Path(pretrained["checkpoint"])
     with pytest.raises(ConfigError, match="fine-tuning refits its head's references before step 0"):
         parse_finetune(ft_recipe(pretrained, pretrained["feo"], "r", 3), pretrained["checkpoint"],
                        ["train.refit_references=8"])

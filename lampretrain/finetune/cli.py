@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
         "printed before and after; the result is exported to OUTPUT/model.pt with LoRA adapters folded back.",
     )
     p.add_argument("recipe", help="fine-tuning recipe YAML")
-    p.add_argument("--from", dest="checkpoint", help="pretrained checkpoint directory (checkpoints/step-N); "
+    p.add_argument("--from", dest="checkpoint", help="pretrained checkpoint directory (checkpoints/step-N) or a run directory (its newest checkpoint); "
                    "default: the recipe's finetune.checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. finetune.freeze=backbone or optim.lr=1e-4")

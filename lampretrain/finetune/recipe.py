@@ -152,6 +152,14 @@ def parse_finetune(
     source = (data.get("finetune") or {}).get("checkpoint")
     if not source:
         raise ConfigError(f"{where}: no checkpoint to fine-tune: pass --from CHECKPOINT or set finetune.checkpoint")
+    if Path(source).is_dir() and not (Path(source) / "meta.json").exists():  # a run directory: its newest checkpoint
+        from ..inference.loading import resolve_checkpoint
+
+        try:
+            source = str(resolve_checkpoint(source))
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        data["finetune"]["checkpoint"] = source
     base = {k: v for k, v in checkpoint_recipe(source).items() if k not in FRESH}
     train = base.setdefault("train", {})
     # the pretraining run's length, its validation cadence and its end-of-run refit, all on its own store

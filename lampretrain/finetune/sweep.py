@@ -5,7 +5,7 @@ A sweep file names a base fine-tuning recipe and a search space over its keys::
     name: sweep-demo
     output: outputs/sweep-demo
     recipe: recipes/finetune-demo.yaml        # relative paths are relative to the working directory
-    checkpoint: outputs/demo/matris/checkpoints/step-000000300
+    checkpoint: outputs/demo/matris
     set: [train.steps=40]                     # overrides of the base recipe, as `finetune --set`
     space:                                    # dotted recipe key → grid | choice | uniform | loguniform | randint
       optim.lr: {loguniform: [1.0e-4, 3.0e-3]}

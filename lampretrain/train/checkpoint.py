@@ -188,15 +188,14 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / META).read_text())
 
 
-def load(path: Path, tensors: dict[str, Any], sparse: str | None = None) -> list[str]:
+def load(path: Path, tensors: dict[str, Any], sparse: str | None = None) -> None:
     """Fill ``tensors`` (the same structure :func:`save` got, freshly built) in place from ``path``.
 
     ``sparse`` names a {name: {key: tensor}} entry (the optimizer state per parameter) whose names may be
     absent from the checkpoint: AdamW has no state for a parameter that has not had a gradient yet (MatRIS's
     last bond update never reaches the loss), while a fresh template has state for all. Those names are
-    dropped from ``tensors`` (so they stay stateless, as in the uninterrupted run) and returned.
+    dropped from ``tensors``, so they stay stateless, as in the uninterrupted run.
     """
-    dropped: list[str] = []
     if sparse is not None:
         saved = SafeFileSystemReader(path).read_metadata().state_dict_metadata
         entries = tensors[sparse]
@@ -204,8 +203,6 @@ def load(path: Path, tensors: dict[str, Any], sparse: str | None = None) -> list
             present = [f"{sparse}.{name}.{key}" in saved for key in entries[name]]
             if not any(present):
                 del entries[name]
-                dropped.append(name)
             elif not all(present):
                 raise CheckpointError(f"{path}: {sparse} state of '{name}' is only partly saved")
     dcp.load(tensors, storage_reader=SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner())
-    return dropped

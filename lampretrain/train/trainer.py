@@ -3,7 +3,7 @@
 One optimizer step, as :func:`pretrain` runs it::
 
     lr = peak · lr_factor(step)                        # schedules.py, a pure function of the step
-    objective.follow_lr(lr / peak)                     # loss weights annealed with the lr (final_weights)
+    objective.follow_lr(lr / peak)                     # loss weights follow the lr decay (final_weights)
     for k in range(grad_accum):                        # micro-batches from the cost-balanced sampler
         with engine.gradient_sync(k == grad_accum - 1):
             out = engine.forward(batch)                # energy, forces = −∂E/∂x, stress (create_graph)
@@ -40,8 +40,8 @@ from . import checkpoint as ckpt
 from .data import TrainData, build_train_data, build_val_loader
 from .distributed import Context, setup, teardown
 from .ema import EMA
-from .references import apply_shift, refit_store_references
 from .engines import Engine, make_engine
+from .references import apply_shift, refit_store_references
 from .schedules import annealing_fraction, lr_factor
 from .tracking import Tracker
 from .validation import validate

@@ -12,7 +12,7 @@ when the residuals are skewed); the backbone and the head's MLP are untouched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -66,6 +66,11 @@ class EnergyErrors:
     def mae_per_atom(self) -> float:
         """Mean |E − Ê| / N over the frames, eV/atom."""
         return float(np.mean(np.abs(self.label - self.prediction) / self.natoms))
+
+    def shifted(self, delta: dict[int, float]) -> "EnergyErrors":
+        """The same frames after ref[z] += δ_z: each prediction moves by Σ_z n_z δ_z (backbone and heads unchanged)."""
+        moved = np.array([sum(delta.get(int(z), 0.0) for z in numbers) for numbers in self.numbers])
+        return replace(self, prediction=self.prediction + moved)
 
 
 def energy_errors(model: MultiTaskModel, batches: Iterator[GraphBatch], device: torch.device | str = "cpu") -> EnergyErrors:
@@ -162,17 +167,14 @@ def refit_store_references(
     for name in names:
         model.dataset_index(name)  # names the heads when it is not one of them
 
-        def batches():
-            return store_batches(store, {name: 0}, split, cutoffs=graph_cutoffs(model), max_frames=max_frames)
-
+        batches = store_batches(store, {name: 0}, split, cutoffs=graph_cutoffs(model), max_frames=max_frames)
         try:
-            before = energy_errors(model, (model.for_dataset(b, name) for b in batches()), device)
+            before = energy_errors(model, (model.for_dataset(b, name) for b in batches), device)
         except NoEnergyLabels:
             refits.append(Refit(name, 0, float("nan"), float("nan"), {}))
             continue
         delta = reference_shift(before)
         apply_shift(model, name, delta)
-        after = energy_errors(model, (model.for_dataset(b, name) for b in batches()), device).mae_per_atom
-        refits.append(Refit(name, before.label.size, before.mae_per_atom, after, delta))
+        refits.append(Refit(name, before.label.size, before.mae_per_atom, before.shifted(delta).mae_per_atom, delta))
     return refits
 

@@ -94,3 +94,97 @@ def test_aselmdb_holds_the_same_frames_as_the_sqlite_db(tmp_path: Path) -> None:
         np.testing.assert_array_equal(a.cell, b.cell)
         np.testing.assert_array_equal(a.forces, b.forces)
         assert a.energy == b.energy
+
+
+def _feo_lines(tmp_path: Path) -> tuple[list, list[str]]:
+    """The 28 FeO frames and their extxyz lines: 6 per frame (count, comment, 4 atoms), frame k from line 6k + 1."""
+    path = tmp_path / "feo.extxyz"
+    original = _write_feo_extxyz(path)
+    return original, path.read_text().splitlines(keepends=True)
+
+
+def _unknown_element(lines: list[str]) -> None:
+    lines[32] = "Xx" + lines[32][2:]  # frame 5, first atom (Fe)
+
+
+def _header_too_big(lines: list[str]) -> None:
+    lines[30] = "5\n"
+
+
+def _header_too_small(lines: list[str]) -> None:
+    lines[30] = "3\n"
+
+
+def _bad_number(lines: list[str]) -> None:
+    lines[33] = lines[33].replace("0.00000000", "0.0000z000", 1)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_unknown_element, "unknown element 'Xx' in frame 5 (line 33)"),
+        (_header_too_big, "header on line 31 says 5 atoms, 4 atom lines follow before the next header on line 37"),
+        (_header_too_small, "header on line 31 says 3 atoms, 4 atom lines follow (lines 33-36)"),
+        (_bad_number, "frame 5 (lines 31-36) cannot be parsed: ValueError: could not convert string to float"),
+    ],
+)
+def test_one_bad_extxyz_frame_costs_only_itself(tmp_path: Path, damage, reason: str) -> None:
+    original, lines = _feo_lines(tmp_path)
+    damage(lines)
+    path = tmp_path / "damaged.extxyz"
+    path.write_text("".join(lines))
+    errors: list[ReadError] = []
+    frames = list(read_frames(path, on_error=errors.append))
+    assert [e.index for e in errors] == [5] and str(errors[0]).startswith(f"{path}#5: {reason}")
+    kept = [k for k in range(28) if k != 5]
+    assert [f.source for f in frames] == [f"{path}#{k}" for k in kept]
+    for frame, k in zip(frames, kept):
+        assert frame.energy == pytest.approx(original[k].energy, abs=1e-8)
+        np.testing.assert_allclose(frame.positions, original[k].positions, atol=1e-8)
+    with pytest.raises(ReadError, match="#5: "):
+        list(read_frames(path))
+
+
+def test_text_between_extxyz_frames_is_its_own_record(tmp_path: Path) -> None:
+    original, lines = _feo_lines(tmp_path)
+    path = tmp_path / "junk.extxyz"
+    path.write_text("".join(lines[:36] + ["# written by hand\n", "end of run 1\n"] + lines[36:]))
+    errors: list[ReadError] = []
+    frames = list(read_frames(path, on_error=errors.append))
+    assert [(e.index, str(e)) for e in errors] == [
+        (6, f"{path}#6: lines 37-38: not an extxyz frame, expected an atom count, got '# written by hand'")
+    ]
+    assert len(frames) == 28 and frames[6].source == f"{path}#7"  # every frame kept; the text took index 6
+    assert [f.energy for f in frames] == pytest.approx([f.energy for f in original], abs=1e-8)
+
+
+def test_extxyz_cut_inside_its_last_line_is_reported(tmp_path: Path) -> None:
+    """A copy cut mid-number would still parse, with a wrong last coordinate; the missing newline gives it away."""
+    original, lines = _feo_lines(tmp_path)
+    path = tmp_path / "cut.extxyz"
+    path.write_text("".join(lines)[:-20])
+    errors: list[ReadError] = []
+    frames = list(read_frames(path, on_error=errors.append))
+    assert len(frames) == 27 and frames[-1].energy == pytest.approx(original[26].energy, abs=1e-8)
+    assert [str(e) for e in errors] == [f"{path}#27: the file ends inside line 168 without a newline (truncated)"]
+
+
+def test_empty_blank_and_binary_files_are_one_record_each(tmp_path: Path) -> None:
+    empty, blank, binary = tmp_path / "empty.extxyz", tmp_path / "blank.xyz", tmp_path / "garbage.xyz"
+    empty.write_bytes(b"")
+    blank.write_text("\n  \n\n")
+    binary.write_bytes(bytes(range(256)) * 8)
+    expected = {
+        str(empty): "empty file",
+        str(blank): "empty file (only blank lines)",
+        str(binary): "binary content (NUL bytes or invalid UTF-8), not extxyz text",
+    }
+    for path, reason in expected.items():
+        errors: list[ReadError] = []
+        assert list(read_frames(path, on_error=errors.append)) == []
+        assert [str(e) for e in errors] == [f"{path}: {reason}"]
+        with pytest.raises(ReadError, match=reason.split(" (")[0]):
+            list(read_frames(path))
+    errors = []
+    assert list(read_frames(tmp_path, on_error=errors.append)) == []  # the same through a directory
+    assert sorted(str(e) for e in errors) == sorted(f"{p}: {r}" for p, r in expected.items())

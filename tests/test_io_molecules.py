@@ -103,3 +103,34 @@ def test_truncated_hdf5_is_a_read_error(tmp_path: Path) -> None:
     errors: list[ReadError] = []
     assert list(read_frames(cut, format="ani_hdf5", on_error=errors.append)) == []
     assert len(errors) == 1 and errors[0].path == str(cut)
+
+
+@pytest.mark.parametrize("source, fmt, nframes", [(ANI, "ani_hdf5", 8), (SPICE, "spice_hdf5", 55)])
+def test_group_of_no_known_layout_is_reported_beside_good_groups(tmp_path: Path, source, fmt, nframes) -> None:
+    path = tmp_path / source.name
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "a") as h5:
+        odd = h5.create_group("batch2/C2H6O")  # positions/energies: neither ANI-1x's nor SPICE's names
+        odd["atomic_numbers"] = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1])
+        odd["positions"] = np.zeros((2, 9, 3))
+        odd["energies"] = np.array([-154.1, -154.2])
+    assert guess_format(path) == fmt
+    errors: list[ReadError] = []
+    frames = list(read_frames(path, on_error=errors.append))
+    assert [f.energy for f in frames] == [f.energy for f in read_frames(source)] and len(frames) == nframes
+    assert [e.index for e in errors] == ["batch2/C2H6O"]  # the intermediate group "batch2" holds no datasets
+    message = str(errors[0])
+    assert message.startswith(f"{path}#batch2/C2H6O: group of no known layout: it has 'atomic_numbers', 'energies', ")
+    expected = "'coordinates' and 'wb97x_dz.energy'" if fmt == "ani_hdf5" else "'conformations' and 'dft_total_energy'"
+    assert message.endswith(expected)
+
+
+def test_hdf5_with_no_known_group_names_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as h5:
+        h5["mol1/positions"] = np.zeros((1, 2, 3))
+    errors: list[ReadError] = []
+    assert list(read_frames(tmp_path, on_error=errors.append)) == []
+    assert [str(e) for e in errors] == [
+        f"{path}: field 'format': HDF5 file with no SPICE, ANI-1x or DeePMD group (top-level keys ['mol1'])"
+    ]

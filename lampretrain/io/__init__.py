@@ -77,8 +77,10 @@ def _sniff_hdf5(path: Path) -> str:
         if "type.raw" in h5:
             return "deepmd_hdf5"
         h5.visititems(visit)
+        h5_keys = list(h5.keys())
     if not found:
-        raise ReadError("HDF5 file with no SPICE, ANI-1x or DeePMD group", path, field="format")
+        top = sorted(h5_keys)[:10]
+        raise ReadError(f"HDF5 file with no SPICE, ANI-1x or DeePMD group (top-level keys {top})", path, field="format")
     return found[0]
 
 
@@ -140,6 +142,8 @@ def read_directory(
             continue
         if child.is_file() and _recognised_file(child.name) is None:
             continue
+        if _reported_empty(child, on_error):
+            continue
         try:
             fmt = guess_format(child)
         except ReadError as exc:
@@ -147,6 +151,14 @@ def read_directory(
             continue
         reader = FORMATS[fmt]
         yield from reader(child, **common, **_accepted(reader, options))
+
+
+def _reported_empty(path: Path, on_error: ErrorHandler) -> bool:
+    """Report a zero-byte file, which every reader would otherwise take as zero records or a format error."""
+    if not (path.is_file() and path.stat().st_size == 0):
+        return False
+    report(on_error, ReadError("empty file", path))
+    return True
 
 
 def _accepted(reader: Callable, options: dict[str, Any]) -> dict[str, Any]:
@@ -188,9 +200,11 @@ def read_frames(
     ``options`` go to the reader (e.g. ``method=`` for ANI, ``energy_key=`` for MPtrj,
     ``type_map=`` for DeePMD); an option no reader takes is a TypeError.
     """
-    fmt = format or guess_format(path)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; known: {sorted(FORMATS)}")
+    if _reported_empty(Path(path), on_error):
+        return iter(())
+    fmt = format or guess_format(path)  # always a FORMATS name
     reader = FORMATS[fmt]
     if fmt == "directory":
         known = {name for r in FORMATS.values() for name in inspect.signature(r).parameters}

@@ -22,7 +22,7 @@ import numpy as np
 
 from lampretrain.frames import HARTREE_TO_EV, Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
-from lampretrain.io.hdf5 import conformer_arrays, groups_with, open_hdf5
+from lampretrain.io.hdf5 import conformer_arrays, layout_groups, open_hdf5
 
 
 def read_ani_hdf5(
@@ -44,7 +44,8 @@ def read_ani_hdf5(
         report(on_error, exc)
         return
     with h5:
-        for name in groups_with(h5, ("atomic_numbers", "coordinates")):
+        expected = f"an ANI-1x group has 'atomic_numbers', 'coordinates' and {energy_key!r}"
+        for name in layout_groups(h5, ("atomic_numbers", "coordinates"), path, on_error, expected):
             g = h5[name or "/"]
             try:
                 numbers, positions, energy, forces = conformer_arrays(

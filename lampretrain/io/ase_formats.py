@@ -9,10 +9,13 @@ JSON-encoded, not pickled.
 
 from __future__ import annotations
 
+import codecs
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from ase.data import atomic_numbers
 
 from lampretrain.frames import Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
@@ -55,11 +58,146 @@ def read_ase(
         index += 1
 
 
+_BINARY_PROBE = 8192  # bytes looked at to tell a text file from a binary one, as git and grep do
+
+
+def _is_count(line: str) -> bool:
+    """A lone non-negative integer: an extxyz atom-count line (an atom line never is one)."""
+    text = line.strip()
+    return text.isascii() and text.isdigit()
+
+
+def _looks_binary(head: bytes) -> bool:
+    if b"\0" in head:
+        return True
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+class _Lines:
+    """A text file's lines with 1-based numbers and a one-line push-back, so a frame can look past its end."""
+
+    def __init__(self, handle):
+        self._lines = enumerate(handle, 1)
+        self._back: tuple[int, str] | None = None
+
+    def next(self) -> tuple[int, str] | None:
+        if self._back is not None:
+            item, self._back = self._back, None
+            return item
+        return next(self._lines, None)
+
+    def next_nonblank(self) -> tuple[int, str] | None:
+        while (item := self.next()) is not None and not item[1].strip():
+            pass
+        return item
+
+    def push(self, item: tuple[int, str]) -> None:
+        self._back = item
+
+    def skip_to_count(self, last: int) -> tuple[int, int]:
+        """Consume lines up to the next count line (left unread); returns (non-blank lines, last line number)."""
+        skipped = 0
+        while (item := self.next()) is not None:
+            if _is_count(item[1]):
+                self.push(item)
+                break
+            last = item[0]
+            skipped += bool(item[1].strip())
+        return skipped, last
+
+
+def _split_frames(handle) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """(first line number, the frame's lines, None) per frame, or (first line number, None, why) per broken record.
+
+    A frame is a count line, a comment line and ``count`` atom lines.  ASE's own reader stops the file at
+    the first bad frame; splitting here first confines damage to one record: a wrong count is found where
+    a lone integer (the next header) interrupts the atom lines, or where atom lines go on past the count.
+    """
+    lines = _Lines(handle)
+    while (item := lines.next_nonblank()) is not None:
+        start, header = item
+        if not _is_count(header):
+            _, last = lines.skip_to_count(start)
+            where = f"line {start}" if last == start else f"lines {start}-{last}"
+            yield start, None, f"{where}: not an extxyz frame, expected an atom count, got {header.strip()[:40]!r}"
+            continue
+        count = int(header)
+        says = f"header on line {start} says {count} atoms"
+        comment = lines.next()
+        if comment is None:
+            yield start, None, f"{says}, the file ends before its comment line (truncated)"
+            return
+        atoms: list[str] = []
+        while len(atoms) < count:
+            item = lines.next()
+            if item is None:
+                yield start, None, f"{says}, the file ends after {len(atoms)} of them (truncated)"
+                return
+            if _is_count(item[1]):
+                lines.push(item)
+                break
+            atoms.append(item[1])
+        if len(atoms) < count:
+            yield start, None, f"{says}, {len(atoms)} atom lines follow before the next header on line {item[0]}"
+            continue
+        after = lines.next_nonblank()
+        if after is not None and not _is_count(after[1]) and atoms and len(after[1].split()) == len(atoms[-1].split()):
+            extra, last = lines.skip_to_count(after[0])  # more atom lines than the header says
+            yield start, None, f"{says}, {count + 1 + extra} atom lines follow (lines {start + 2}-{last})"
+            continue
+        if after is not None:
+            lines.push(after)  # the next header, or text that is reported as a record of its own
+        elif atoms and not atoms[-1].endswith("\n"):
+            # a copy cut inside the last line can end mid-number and still parse, with a wrong value
+            yield start, None, f"the file ends inside line {start + 1 + count} without a newline (truncated)"
+            return
+        yield start, [header, comment[1], *atoms], None
+
+
+def _frame_error(exc: Exception, index: int, start: int, text: list[str]) -> str:
+    """What went wrong in frame ``index`` (first line ``start``), in words rather than ASE's exception."""
+    symbol = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    if isinstance(symbol, str) and symbol not in atomic_numbers:  # ASE's symbol lookup failed
+        line = next((start + k for k, row in enumerate(text) if k >= 2 and symbol in row.split()), start)
+        return f"unknown element {symbol!r} in frame {index} (line {line})"
+    return f"frame {index} (lines {start}-{start + len(text) - 1}) cannot be parsed: {type(exc).__name__}: {exc}"
+
+
 def read_extxyz(
     path: str | Path, *, dataset: str = "", level_of_theory: str = "", on_error: ErrorHandler = None
 ) -> Iterator[Frame]:
-    """Extended XYZ: ``energy``, ``stress`` (ASE sign) in the comment line, ``forces`` per atom."""
-    return read_ase(path, dataset=dataset, level_of_theory=level_of_theory, on_error=on_error, ase_format="extxyz")
+    """Extended XYZ: ``energy``, ``stress`` (ASE sign) in the comment line, ``forces`` per atom.
+
+    The file is split into frames here and each frame is parsed by ASE on its own, so a bad frame (unknown
+    element, wrong atom count, unparsable number) is one ReadError at its own index and reading goes on with
+    the next frame.  A binary file, or one with nothing but blank lines, is one ReadError for the file.
+    """
+    import ase.io
+
+    path = Path(path)
+    with open(path, "rb") as raw:
+        if _looks_binary(raw.read(_BINARY_PROBE)):
+            report(on_error, ReadError("binary content (NUL bytes or invalid UTF-8), not extxyz text", path))
+            return
+    index = -1
+    with open(path, encoding="utf-8", errors="replace") as handle:  # damage past the probe reaches one frame only
+        for index, (start, text, problem) in enumerate(_split_frames(handle)):
+            if problem is not None:
+                report(on_error, ReadError(problem, path, index))
+                continue
+            try:
+                atoms = ase.io.read(io.StringIO("".join(text)), format="extxyz", index=0)
+                frame = _frame(atoms, path, index, dataset, level_of_theory)
+            except Exception as exc:  # ASE raises KeyError, ValueError, XYZError, IndexError, ... per frame
+                report(on_error, ReadError(_frame_error(exc, index, start, text), path, index))
+                continue
+            yield frame
+    if index < 0:
+        report(on_error, ReadError("empty file (only blank lines)", path))
 
 
 def read_ase_db(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lampretrain.io.errors import ReadError
+from lampretrain.io.errors import ErrorHandler, ReadError, report
 
 
 def open_hdf5(path: str | Path):
@@ -27,6 +27,28 @@ def groups_with(h5, required: tuple[str, ...]) -> list[str]:
 
     h5.visititems(visit)
     return sorted(names)
+
+
+def layout_groups(h5, required: tuple[str, ...], path: str | Path, on_error: ErrorHandler, expected: str) -> list[str]:
+    """:func:`groups_with` ``required``, after reporting every other group that holds datasets (``expected``
+    says what a group of the reader's layout has): without a record, a group of another layout or with a
+    misspelt key would vanish from prep unnoticed.  Groups holding only groups are hierarchy, not records."""
+    import h5py
+
+    matched = groups_with(h5, required)
+    others: list[tuple[str, list[str]]] = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Group) and name not in matched:
+            if any(isinstance(member, h5py.Dataset) for member in obj.values()):
+                others.append((name, sorted(obj.keys())))
+
+    visit("", h5)
+    h5.visititems(visit)
+    for name, keys in sorted(others):
+        shown = ", ".join(map(repr, keys[:12])) + (", ..." if len(keys) > 12 else "")
+        report(on_error, ReadError(f"group of no known layout: it has {shown}; {expected}", path, name or "/"))
+    return matched
 
 
 def conformer_arrays(

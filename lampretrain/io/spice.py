@@ -21,7 +21,7 @@ import numpy as np
 
 from lampretrain.frames import BOHR_TO_ANGSTROM, HARTREE_TO_EV, Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
-from lampretrain.io.hdf5 import conformer_arrays, groups_with, open_hdf5
+from lampretrain.io.hdf5 import conformer_arrays, layout_groups, open_hdf5
 
 _BRACKET_ATOM = re.compile(r"\[([^\]]*)\]")
 _CHARGE = re.compile(r"(\++|-+)(\d*)$")
@@ -62,7 +62,8 @@ def read_spice_hdf5(
         report(on_error, exc)
         return
     with h5:
-        for name in groups_with(h5, ("atomic_numbers", "conformations")):
+        expected = f"a SPICE group has 'atomic_numbers', 'conformations' and {energy_key!r}"
+        for name in layout_groups(h5, ("atomic_numbers", "conformations"), path, on_error, expected):
             g = h5[name or "/"]
             try:
                 numbers, positions, energy, forces = conformer_arrays(

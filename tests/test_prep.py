@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -16,6 +20,7 @@ from ase.io import write
 from ase.neighborlist import neighbor_list
 
 from lampretrain.config import ConfigError
+from lampretrain.frames import HARTREE_TO_EV
 from lampretrain.io import read_frames
 from lampretrain.prep.pipeline import prepare
 from lampretrain.prep.spec import load_spec
@@ -279,3 +284,119 @@ def test_prep_on_a_ray_cluster_equals_local_processes(tmp_path, store):
     for name in ray_files:
         if name not in ("manifest.json", "report.json"):
             assert ray_files[name] == local_files[name], name
+
+
+def extxyz_texts(frames) -> list[list[str]]:
+    """Each frame's extxyz lines as ASE writes them (count, comment, one line per atom)."""
+    texts = []
+    for frame in frames:
+        buffer = io.StringIO()
+        write(buffer, frame.to_atoms(), format="extxyz")
+        texts.append(buffer.getvalue().splitlines(keepends=True))
+    return texts
+
+
+def hostile_directory(root: Path) -> tuple[dict[str, list[str] | None], dict[str, str]]:
+    """Good and malformed inputs side by side; returns (good frame source → its extxyz lines, or None for
+    HDF5 conformers) and (bad record source → the reason prep must give)."""
+    root.mkdir()
+    good: dict[str, list[str] | None] = {}
+    bad: dict[str, str] = {}
+
+    def extxyz(name: str, texts: list[list[str]], broken: dict[int, str]) -> None:
+        path = root / name
+        path.write_text("".join(line for text in texts for line in text))
+        for k, text in enumerate(texts):
+            if k in broken:
+                bad[f"{path}#{k}"] = broken[k]
+            else:
+                good[f"{path}#{k}"] = text
+
+    feo = extxyz_texts(read_frames(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"))
+    feo[5][2] = "Xx" + feo[5][2][2:]  # unknown element in the middle of the file
+    extxyz("feo.extxyz", feo, {5: "unknown element 'Xx' in frame 5"})
+
+    li = extxyz_texts(read_frames(REAL / "mlearn_pbe_elemental/Li/test.json"))
+    n3, n10 = len(li[3]) - 2, len(li[10]) - 2
+    li[3][0], li[10][0] = f"{n3 + 1}\n", f"{n10 - 1}\n"  # one header too big, one too small
+    extxyz("li.extxyz", li, {3: f"says {n3 + 1} atoms, {n3} atom lines follow before the next header",
+                             10: f"says {n10 - 1} atoms, {n10} atom lines follow"})
+
+    ge = extxyz_texts(read_frames(REAL / "mlearn_pbe_elemental/Ge/test.json"))
+    cut = root / "ge_cut.extxyz"
+    cut.write_text("".join(line for text in ge for line in text)[:-25])  # the copy stopped inside the last line
+    good.update({f"{cut}#{k}": text for k, text in enumerate(ge[:-1])})
+    bad[f"{cut}#{len(ge) - 1}"] = "without a newline (truncated)"
+
+    (root / "empty.extxyz").write_bytes(b"")
+    bad[str(root / "empty.extxyz")] = "empty file"
+    (root / "garbage.xyz").write_bytes(np.random.default_rng(0).bytes(4096))
+    bad[str(root / "garbage.xyz")] = "binary content"
+
+    ani = root / "ani.h5"
+    ani.write_bytes((REAL / "ani1x_hdf5/ani1_n5.hdf5").read_bytes())
+    with h5py.File(ani, "a") as h5:
+        for name in h5:
+            good.update({f"{ani}#{name}/{k}": None for k in range(len(h5[name]["coordinates"]))})
+        odd = h5.create_group("C2H6O")  # a group with other names than ANI-1x's
+        odd["atomic_numbers"] = np.array([6, 6, 8, 1, 1, 1, 1, 1, 1])
+        odd["positions"] = np.zeros((2, 9, 3))
+    bad[f"{ani}#C2H6O"] = "group of no known layout: it has 'atomic_numbers', 'positions'"
+    return good, bad
+
+
+def test_prep_of_hostile_files_keeps_every_good_frame(tmp_path):
+    good, bad = hostile_directory(tmp_path / "raw")
+    sources = [{"path": str(tmp_path / "raw"), "include": "*", "dataset": "mixed"}]
+    spec = load_spec(write_spec(tmp_path, sources, split={"val": 0.0, "test": 0.0}))
+    report = prepare(spec, workers=1, progress=False)
+
+    reasons = {item["source"]: item["reason"] for item in report["skipped_records"]}
+    assert reasons.keys() == bad.keys()
+    for source, reason in bad.items():
+        assert reason in reasons[source] and reasons[source].startswith(source), reasons[source]
+        assert "\n" not in reasons[source] and "Traceback" not in reasons[source]
+    assert report["skipped"] == {"invalid": 0, "duplicate": 0, "read_error": len(bad)}
+    assert report["written"] == report["frames_in"] == len(good)
+
+    index = StoreIndex.open(spec.output)
+    stored = {f.source: f for p in index.shard_paths("lmdb", "train") for f in LmdbShardReader(p)}
+    assert stored.keys() == good.keys()
+    with h5py.File(tmp_path / "raw" / "ani.h5") as h5:
+        for source, text in good.items():
+            frame = stored[source]
+            if text is None:  # an ANI-1x conformer: hartree in the file
+                group, k = source.split("#")[1].rsplit("/", 1)
+                assert frame.energy == pytest.approx(h5[group]["wb97x_dz.energy"][int(k)] * HARTREE_TO_EV, rel=1e-15)
+                continue
+            assert frame.energy == float(re.search(r" energy=(\S+)", text[1]).group(1))
+            expected = np.array([line.split()[1:4] for line in text[2:]], dtype=float)
+            np.testing.assert_array_equal(frame.positions, expected)
+
+
+@pytest.mark.parametrize("removed", ["nothing", "half"])
+def test_rerun_finishes_clean_up_of_work_dir_killed_after_the_manifest(tmp_path, removed):
+    """The state a kill inside the final ``rmtree(.work)`` leaves: the finished store plus the work dir of stage 1
+    (rebuilt here by the same stage-1 code the pipeline ran), whole or with part of it already deleted."""
+    from lampretrain.prep.convert import Settings, run_task
+    from lampretrain.prep.pipeline import _claim_work_dir, expand_tasks
+
+    spec = load_spec(write_spec(tmp_path, SOURCES[:2]))
+    prepare(spec, workers=1, progress=False)
+    out = Path(spec.output)
+    finished = store_files(out)
+    work = _claim_work_dir(out, spec)
+    settings = Settings(spec.cutoff, spec.three_body_cutoff, spec.min_distance, spec.split.group_by)
+    for task in expand_tasks(spec):
+        run_task(task, str(work), settings)
+    records = sorted((work / "parts").glob("*.records"))
+    assert sum(p.stat().st_size for p in records) > 100_000  # the second copy of the encoded records
+    if removed == "half":
+        for path in records[: len(records) // 2]:
+            path.unlink()
+        (work / "spec.sha256").unlink()
+
+    report = prepare(spec, workers=1, progress=False)
+    assert not work.exists()
+    assert store_files(out) == finished
+    assert report == json.loads(finished["report.json"])

@@ -8,7 +8,7 @@ Stages (each resumable, each write atomic):
 
 A killed job re-run with the same spec skips finished tasks and shards and
 produces byte-identical output; the work directory is removed once the
-manifest is written.
+manifest is written (and by the next run, when a kill struck during that removal).
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ def prepare(
     out = Path(spec.output)
     if (out / "manifest.json").exists():
         if not overwrite:
+            # The manifest is written last, so the store is complete; a work dir beside it is what a kill
+            # during the final clean-up left (a second copy of every encoded record): finish removing it.
+            if (out / ".work").exists():
+                shutil.rmtree(out / ".work")
             return json.loads((out / "report.json").read_text())
         shutil.rmtree(out)
     tasks = expand_tasks(spec)

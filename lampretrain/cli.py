@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .errors import EXIT_USAGE, UserError, one_line
 from .finetune.cli import add_parser as add_finetune_parser
 from .finetune.cli import run as run_finetune
 from .inference.cli import add_parser as add_inference_parser
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lampretrain",
         description="Pretraining of large atomistic models: data prep, training, fine-tuning, benchmarks.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error as well as its one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the main job on the bundled real DFT data (no servers)")
@@ -153,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
-    p.add_argument("--resume", help="'auto' (newest valid checkpoint of the run, if any) or a checkpoint directory")
+    p.add_argument("--resume", help="'auto' (the run's newest valid checkpoint; refuses when it has only broken "
+                   "ones), 'fresh' (start over, earlier checkpoints moved to checkpoints/previous-<time>/), "
+                   "or a checkpoint or run directory")
     p.add_argument("--max-steps", type=int, help="stop at this step (the schedule still follows train.steps)")
 
     p = sub.add_parser(
@@ -190,27 +195,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a :class:`UserError` is printed as one line (``error: ...``) with exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {
+        "prep": _prep,
+        "inspect": _inspect,
+        "demo": _demo,
+        "pretrain": _pretrain,
+        "bench": _bench,
+        "launch": run_launch,
+        "finetune": run_finetune,
+        "sweep": run_finetune,
+        "change-bias": run_finetune,
+        "evaluate": run_inference,
+        "export": run_inference,
+    }
     try:
-        commands = {
-            "prep": _prep,
-            "inspect": _inspect,
-            "demo": _demo,
-            "pretrain": _pretrain,
-            "bench": _bench,
-            "launch": run_launch,
-            "finetune": run_finetune,
-            "sweep": run_finetune,
-            "change-bias": run_finetune,
-            "evaluate": run_inference,
-            "export": run_inference,
-        }
         return commands[args.command](args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {_rank_prefix()}{one_line(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _rank_prefix() -> str:
+    """``[rank R] `` under a multi-process launcher, so a mistake seen by one rank only is still attributed."""
+    import os
+
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -9,16 +9,19 @@ values. ``--set a.b=c`` overrides go through :func:`apply_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the file and key path."""
 
 
@@ -36,8 +39,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass ``cls`` from plain data, validating keys, types and choices."""
-    return _convert(cls, data, where or cls.__name__)
+    """Build dataclass ``cls`` from plain data, validating keys, types and choices.
+
+    Errors read ``WHERE: key.path: what is wrong`` (``WHERE`` is usually the file).
+    """
+    try:
+        return _convert(cls, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
 
 
 def to_dict(obj: Any) -> Any:
@@ -87,37 +104,37 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return _convert(option, value, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_name(tp)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{_at(where)}{value!r} matches none of {_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(f"{_at(where)}{value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{_at(where)}expected a list, got {value!r}")
         (item,) = get_args(tp)[:1] or (Any,)
         return [_convert(item, v, f"{where}[{k}]") for k, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{_at(where)}expected a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
-        return {_convert(key_tp, k, where): _convert(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+        return {_convert(key_tp, k, where): _convert(val_tp, v, _key(where, k)) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{_at(where)}expected a number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{_at(where)}expected an integer, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{_at(where)}expected true or false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{_at(where)}expected a string, got {value!r}")
         return value
     return value
 
@@ -128,25 +145,28 @@ def _convert_dataclass(cls: type, value: Any, where: str) -> Any:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping with keys {_keys(cls)}, got {value!r}")
+        raise ConfigError(f"{_at(where)}expected a mapping with keys {_keys(cls)}, got {value!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in value if k not in fields]
     if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {_keys(cls)}")
+        raise ConfigError(f"{_at(where)}unknown key '{unknown[0]}'; allowed keys: {_keys(cls)}")
     kwargs = {}
     for name, f in fields.items():
         if name in value:
-            kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}")
+            kwargs[name] = _convert(hints[name], value[name], _key(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key '{name}'")
+            raise ConfigError(f"{_at(where)}missing required key '{name}'")
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     if callable(check):
         try:
             check()
         except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
+            # "every: must be >= 1" raised by the checkpoint section reads "checkpoint.every: must be >= 1"
+            message = str(err)
+            keyed = re.match(r"[A-Za-z_][\w.]*: ", message) and where
+            raise ConfigError(f"{where}.{message}" if keyed else f"{_at(where)}{message}") from None
     return obj
 
 

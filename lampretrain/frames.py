@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 # Conversion factors used by the readers, gathered so each has one definition.
 HARTREE_TO_EV = 27.211386245988  # CODATA 2018, as ASE uses
 BOHR_TO_ANGSTROM = 0.529177210903
@@ -22,8 +24,8 @@ MAX_ATOMIC_NUMBER = 118
 MIN_DISTANCE = 0.1  # Å; two atoms closer than this are a broken record, not physics
 
 
-class FrameError(ValueError):
-    """A record that cannot be used. ``field`` names the offending label."""
+class FrameError(UserError, ValueError):
+    """A record that cannot be used. ``field`` names the offending label (a CLI reading it prints one line)."""
 
     def __init__(self, message: str, field: str | None = None, source: str | None = None):
         self.field = field

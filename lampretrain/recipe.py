@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
@@ -39,6 +40,12 @@ class CostSection:
     edges: float = 0.0
     angles: float = 0.0
 
+    def check(self) -> None:
+        values = {"atoms": self.atoms, "edges": self.edges, "angles": self.angles}
+        _at_least(values, 0.0)
+        if not any(values.values()):
+            raise ConfigError("atoms, edges, angles: at least one coefficient must be > 0")
+
 
 @dataclass
 class SamplingSection:
@@ -48,6 +55,14 @@ class SamplingSection:
     temperature: float = 2.0
     ratios: dict[str, float] = field(default_factory=dict)  # explicit: {dataset: ratio}
     epoch_size: int | None = None  # frames per epoch; default: every training frame once
+
+    def check(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        _at_least({f"ratios.{k}": v for k, v in self.ratios.items()}, 0.0)
+        if self.strategy == "explicit" and not self.ratios:
+            raise ConfigError("ratios: strategy 'explicit' needs {dataset: ratio, ...}")
+        _at_least({"epoch_size": self.epoch_size}, 1)
 
 
 @dataclass
@@ -66,6 +81,32 @@ class DataSection:
             raise ConfigError(f"budget: must be > 0, got {self.budget}")
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"split: '{self.split}' is not one of train, val, test")
+        _at_least({"max_natoms": self.max_natoms}, 1)
+        _at_least({"workers": self.workers}, 0)
+
+    def check_store(self) -> None:
+        """What can only be checked against the store on disk: it exists and has the named datasets and
+        frames. Called by the trainer before any process group or model exists (a recipe may be
+        validated on a machine that does not hold its store, e.g. by ``launch``)."""
+        from .store.index import SPLITS, StoreIndex
+
+        index = StoreIndex.open(self.store)
+        unknown = [n for n in self.datasets or [] if n not in index.datasets]
+        if unknown:
+            raise ConfigError(f"data.datasets: '{unknown[0]}' is not a dataset of {self.store}; it has "
+                              f"{', '.join(index.datasets)}")
+        names = self.datasets or index.datasets
+        stray = [n for n in self.sampling.ratios if n not in names]
+        if stray:
+            raise ConfigError(f"data.sampling.ratios: '{stray[0]}' is not among the trained datasets "
+                              f"({', '.join(names)})")
+        split = index.split == SPLITS.index(self.split)
+        chosen = np.isin(index.dataset, [index.datasets.index(n) for n in names]) & split
+        if self.max_natoms is not None:
+            chosen &= index.natoms <= self.max_natoms
+        if not chosen.any():
+            raise ConfigError(f"data: {self.store} has no '{self.split}' frames of {', '.join(names)}"
+                              + (f" with at most {self.max_natoms} atoms (data.max_natoms)" if self.max_natoms else ""))
 
 
 @dataclass
@@ -77,11 +118,15 @@ class ModelSection:
     heads: dict[str, Any] = field(default_factory=dict)  # models.multitask.HeadsConfig keys
 
     def check(self) -> None:
-        from .models import available
+        from .models import available, configure
         from .models.multitask import HeadsConfig
 
         if self.name not in available():
             raise ConfigError(f"name: unknown model '{self.name}'; available: {', '.join(available())}")
+        try:
+            configure(self.name, **self.options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"options: {err}") from None
         try:
             HeadsConfig.from_dict(self.heads)
         except (TypeError, ValueError) as err:
@@ -122,8 +167,13 @@ class OptimSection:
     eps: float = 1e-8
 
     def check(self) -> None:
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas: expected two numbers, got {self.betas}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas: expected two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps: must be > 0, got {self.eps}")
+        _at_least({"weight_decay": self.weight_decay}, 0.0)
 
 
 @dataclass
@@ -135,6 +185,12 @@ class ScheduleSection:
     warmup_start_factor: float = 0.0  # lr at step 0 as a fraction of the peak (DPA4: 0.2)
     decay_fraction: float = 0.65  # wsd: the last fraction of steps decays (DPA4: 0.65)
     min_lr: float = 0.0
+
+    def check(self) -> None:
+        _at_least({"warmup_steps": self.warmup_steps, "min_lr": self.min_lr}, 0)
+        for key in ("warmup_start_factor", "decay_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}: must lie in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -157,8 +213,11 @@ class TrainSection:
     refit_references: int | None = None
 
     def check(self) -> None:
-        if self.steps < 1 or self.grad_accum < 1:
-            raise ConfigError("steps and grad_accum must be >= 1")
+        _at_least({"steps": self.steps, "grad_accum": self.grad_accum, "log_every": self.log_every}, 1)
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"clip_grad_norm: must be > 0 (or null for no clipping), got {self.clip_grad_norm}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must lie in (0, 1) (or null for no EMA), got {self.ema_decay}")
         if self.refit_references is not None and self.refit_references < 1:
             raise ConfigError(f"train.refit_references: frames per dataset must be >= 1 (or null), got "
                               f"{self.refit_references}")
@@ -185,8 +244,12 @@ class EngineSection:
 @dataclass
 class CheckpointSection:
     every: int = 1000  # optimizer steps between checkpoints (and one at the end, and on SIGTERM/SIGUSR1)
-    keep: int = 3  # keep the last K complete checkpoints
+    keep: int = 3  # keep the last K complete checkpoints (0: keep all)
     verify: bool = True  # check file sizes and SHA-256 before loading
+
+    def check(self) -> None:
+        _at_least({"every": self.every}, 1)
+        _at_least({"keep": self.keep}, 0)
 
 
 @dataclass
@@ -220,6 +283,13 @@ class Recipe:
         if self.train.refit_references and self.model.heads.get("trainable_references"):
             raise ConfigError("train.refit_references: the references are trainable (model.heads.trainable_references), "
                               "so the optimizer already fits them; drop one of the two")
+
+
+def _at_least(values: dict[str, float | int | None], low: float | int) -> None:
+    """Each value (None: unset) must be >= ``low``; the error names the key."""
+    for key, value in values.items():
+        if value is not None and not value >= low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
 
 
 def _number_literal(override: str) -> str:

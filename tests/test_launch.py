@@ -260,9 +260,9 @@ def test_remote_paths_skip_the_existence_check(tmp_path):
 
 
 def test_profile_schema_names_the_key():
-    with pytest.raises(ConfigError, match="profile.slurm: unknown key 'partion'; allowed keys: partition"):
+    with pytest.raises(ConfigError, match="profile: slurm: unknown key 'partion'; allowed keys: partition"):
         parse_profile({"slurm": {"partion": "gpu"}})
-    with pytest.raises(ConfigError, match="profile.slurm: time: '1 day'"):
+    with pytest.raises(ConfigError, match="profile: slurm.time: '1 day'"):
         parse_profile({"slurm": {"time": "1 day"}})
     with pytest.raises(ConfigError, match="volume 'v': give exactly one of claim, host_path"):
         parse_profile({"kubernetes": {"volumes": [{"name": "v", "mount_path": "/v"}]}})

@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
                    "default: the recipe's finetune.checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. finetune.freeze=backbone or optim.lr=1e-4")
-    p.add_argument("--resume", help="'auto' (newest valid checkpoint of this fine-tuning run) or a checkpoint directory")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint of this fine-tuning run), 'fresh' (start over, "
+                   "earlier checkpoints moved aside) or a checkpoint directory")
     p.add_argument("--max-steps", type=int, help="stop at this step (the schedule still follows train.steps)")
 
     p = subparsers.add_parser(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train import checkpoint as ckpt
@@ -60,7 +61,7 @@ def with_new_head(model: MultiTaskModel, spec: DatasetSpec, init_from: str) -> M
     are replaced by the copied ones (change-bias refits them afterwards).
     """
     if spec.name in model.dataset_names:
-        raise ValueError(f"finetune.head '{spec.name}' already exists in the checkpoint; drop init_from to reuse it")
+        raise ConfigError(f"finetune.head '{spec.name}' already exists in the checkpoint; drop init_from to reuse it")
     k = model.dataset_index(init_from)
     source = model.config.datasets[k]
     spec = replace(spec, element_references=dict(source.element_references))
@@ -109,7 +110,7 @@ def freeze(model: MultiTaskModel, mode: str, n_blocks: int = 0) -> list[str]:
         return []
     total = len(model.backbone.blocks)
     if mode == "blocks" and n_blocks > total:
-        raise ValueError(f"finetune.freeze_blocks: {n_blocks} but the backbone has {total} blocks")
+        raise ConfigError(f"finetune.freeze_blocks: {n_blocks} but the backbone has {total} blocks")
     depth = backbone_depths(model)
     params = dict(model.named_parameters())
     frozen = []

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..models.layers.mlp import MLP
@@ -43,30 +44,30 @@ def read_targets(path: str | Path, id_column: str, columns: list[str]) -> dict[s
     """{id: (D,) float64} from a CSV with a header; an empty cell is NaN (a missing label)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such property CSV")
+        raise ConfigError(f"{path}: no such property CSV")
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         missing = [c for c in [id_column, *columns] if c not in header]
         if missing:
-            raise ValueError(f"{path}: no column(s) {missing} (header: {header})")
+            raise ConfigError(f"{path}: no column(s) {missing} (header: {header})")
         table: dict[str, np.ndarray] = {}
         for line, row in enumerate(reader, start=2):
             key = (row[id_column] or "").strip()
             if not key:
-                raise ValueError(f"{path}, line {line}: empty '{id_column}'")
+                raise ConfigError(f"{path}, line {line}: empty '{id_column}'")
             if key in table:
-                raise ValueError(f"{path}, line {line}: duplicate id '{key}'")
+                raise ConfigError(f"{path}, line {line}: duplicate id '{key}'")
             values = []
             for c in columns:
                 cell = (row[c] or "").strip()
                 try:
                     values.append(float(cell) if cell else math.nan)
                 except ValueError:
-                    raise ValueError(f"{path}, line {line}, column '{c}': not a number: {cell!r}") from None
+                    raise ConfigError(f"{path}, line {line}, column '{c}': not a number: {cell!r}") from None
             table[key] = np.array(values, dtype=np.float64)
     if not table:
-        raise ValueError(f"{path}: no rows")
+        raise ConfigError(f"{path}: no rows")
     return table
 
 
@@ -108,7 +109,7 @@ def property_set(
     if datasets:
         unknown = sorted(set(datasets) - set(index.datasets))
         if unknown:
-            raise ValueError(f"data.datasets names {unknown}, not in store {index.root} (has {index.datasets})")
+            raise ConfigError(f"data.datasets names {unknown}, not in store {index.root} (has {index.datasets})")
         keep &= np.isin(index.dataset[rows], [index.datasets.index(n) for n in datasets])
     if max_natoms is not None:
         keep &= index.natoms[rows] <= max_natoms
@@ -124,7 +125,7 @@ def target_scale(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and standard deviation over the present values (std 1 where it would be 0)."""
     present = ~np.isnan(targets)
     if not present.any(axis=0).all():
-        raise ValueError("property: a target column has no value on the training frames")
+        raise ConfigError("property: a target column has no value on the training frames")
     mean = np.nanmean(targets, axis=0)
     std = np.nanstd(targets, axis=0)
     return mean, np.where(std > 0, std, 1.0)
@@ -255,7 +256,7 @@ def train_property(
     train = property_set(index, recipe.data.split, table, sec, recipe.data.datasets, recipe.data.max_natoms)
     if not len(train):
         example = next(iter(table))
-        raise ValueError(f"property.csv {sec.csv}: no id matches a '{recipe.data.split}' frame of {recipe.data.store} "
+        raise ConfigError(f"property.csv {sec.csv}: no id matches a '{recipe.data.split}' frame of {recipe.data.store} "
                          f"by {sec.key} (CSV ids look like '{example}')")
     evaluation = None
     if ft.eval_split is not None:

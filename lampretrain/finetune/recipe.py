@@ -24,7 +24,6 @@ checkpoint's resolved recipe; keys given here replace the checkpoint's.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -132,10 +131,9 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_recipe(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / "meta.json"
-    if not path.exists():
-        raise ConfigError(f"{checkpoint}: not a lampretrain checkpoint (no meta.json)")
-    return json.loads(path.read_text())["recipe"]
+    from ..train.checkpoint import read_meta, resolve
+
+    return read_meta(resolve(checkpoint, hashes=False))["recipe"]
 
 
 FRESH = ("output", "name", "data", "checkpoint", "tracking")  # per run, never inherited from pretraining
@@ -152,13 +150,10 @@ def parse_finetune(
     source = (data.get("finetune") or {}).get("checkpoint")
     if not source:
         raise ConfigError(f"{where}: no checkpoint to fine-tune: pass --from CHECKPOINT or set finetune.checkpoint")
-    if Path(source).is_dir() and not (Path(source) / "meta.json").exists():  # a run directory: its newest checkpoint
-        from ..inference.loading import resolve_checkpoint
+    if not (Path(source) / "meta.json").exists():  # a run directory: its newest checkpoint (or why there is none)
+        from ..train.checkpoint import resolve
 
-        try:
-            source = str(resolve_checkpoint(source))
-        except FileNotFoundError as err:
-            raise ConfigError(str(err)) from None
+        source = str(resolve(source, hashes=False))
         data["finetune"]["checkpoint"] = source
     base = {k: v for k, v in checkpoint_recipe(source).items() if k not in FRESH}
     train = base.setdefault("train", {})

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..config import ConfigError
 from ..graph.batch import GraphBatch
 from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, MultiTaskModel
@@ -88,7 +89,7 @@ class FinetuneHooks(TrainHooks):
         index = StoreIndex.open(recipe.data.store)
         names = recipe.data.datasets or index.datasets
         if len(names) != 1:
-            raise ValueError(f"data: fine-tuning trains one head on one dataset; {recipe.data.store} gives {names} "
+            raise ConfigError(f"data: fine-tuning trains one head on one dataset; {recipe.data.store} gives {names} "
                              "(pick one with data.datasets)")
         self.data_name = names[0]
         self.head = ft.head or self.data_name
@@ -121,7 +122,7 @@ class FinetuneHooks(TrainHooks):
             index = StoreIndex.open(ft.replay.store)
             names = ft.replay.datasets or [n for n in index.datasets if n in self.model.dataset_names]
             if self.head in names:
-                raise ValueError(f"finetune.replay: dataset '{self.head}' is the fine-tuned head; replay other datasets")
+                raise ConfigError(f"finetune.replay: dataset '{self.head}' is the fine-tuned head; replay other datasets")
             section = copy.deepcopy(recipe.data)
             section.store, section.datasets, section.split = ft.replay.store, names, "train"
             section.budget = ft.replay.budget or recipe.data.budget
@@ -207,7 +208,7 @@ def finetune(
 
 def _finetune_property(recipe: FinetuneRecipe, resume: str | None, max_steps: int | None, on_log) -> FinetuneResult:
     if resume is not None:
-        raise ValueError("property heads train in one short run without checkpoints: drop --resume")
+        raise ConfigError("property heads train in one short run without checkpoints: drop --resume")
     model, report, tracker, step = train_property(recipe, max_steps, on_log)
     out = Path(recipe.output)
     exported = export_property(model, out / "property.pt")

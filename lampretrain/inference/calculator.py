@@ -17,6 +17,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import all_changes
 
+from ..config import ConfigError
 from ..frames import Frame
 from ..graph.batch import collate
 from ..models import graph_cutoffs
@@ -92,7 +93,7 @@ class Calculator(AseCalculator):
         if dataset is None:
             if len(names) == 1:
                 return names[0]
-            raise ValueError(f"this model has one head per dataset; pass dataset= one of: {', '.join(names)}")
+            raise ConfigError(f"this model has one head per dataset; pass dataset= one of: {', '.join(names)}")
         self.model.dataset_index(dataset)  # raises naming the datasets
         return dataset
 

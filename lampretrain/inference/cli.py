@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..frames import Frame
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -87,7 +88,7 @@ def read_sources(
         elif path.exists():
             yield from itertools.islice(read_frames(path), max_frames)
         else:
-            raise FileNotFoundError(f"{source}: neither a store (manifest.json) nor a structure file")
+            raise ConfigError(f"{source}: neither a store (manifest.json) nor a structure file")
 
 
 def _is_store(path: Path) -> bool:
@@ -106,7 +107,7 @@ def energy_baselines(checkpoint: Path, baseline_store: str | None, sources: list
     stores: list[Path] = []
     if baseline_store:
         if not _is_store(Path(baseline_store)):
-            raise FileNotFoundError(f"--baseline-store {baseline_store}: not a store (no manifest.json)")
+            raise ConfigError(f"--baseline-store {baseline_store}: not a store (no manifest.json)")
         stores.append(Path(baseline_store))
     if checkpoint.is_dir():
         trained_on = ckpt.read_meta(checkpoint)["recipe"]["data"].get("store")

@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..frames import Frame
 from ..graph.batch import collate
 from ..models import graph_cutoffs
@@ -48,7 +49,7 @@ class EnergyBaseline:
     def from_stats(cls, stats: dict, where: str) -> "EnergyBaseline":
         """From one dataset's entry of a store's ``stats.json``."""
         if "element_references" not in stats:
-            raise ValueError(f"{where}: no element_references (its training frames have no energies)")
+            raise ConfigError(f"{where}: no element_references (its training frames have no energies)")
         refs = {int(z): float(v) for z, v in stats["element_references"].items()}
         return cls(refs, float(stats.get("residual_per_atom_mean", 0.0)), where)
 

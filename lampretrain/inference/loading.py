@@ -5,7 +5,9 @@ shards) holds tensors only; the model is rebuilt from the resolved recipe in its
 ``meta.json`` and the dataset list (head order), then the weights are read with
 the trainer's safe reader (tensor-only planner, restricted metadata unpickler).
 The exponential moving average of the weights is used when the run kept one,
-as is usual for evaluation. Nothing here unpickles arbitrary objects.
+as is usual for evaluation. Nothing here unpickles arbitrary objects: see
+:mod:`lampretrain.train.checkpoint` for what a planted checkpoint is refused
+with; a model file is read by torch's ``weights_only`` unpickler.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..config import ConfigError
+from ..errors import one_line
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train import checkpoint as ckpt
@@ -23,17 +25,18 @@ WEIGHTS = ("ema", "model")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, a run's ``checkpoints`` folder or a run directory → the newest valid checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint (file or directory)")
-    if path.is_file() or (path / ckpt.MARKER).exists():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = ckpt.latest(root, hashes=False)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"{path}: neither a checkpoint (no {ckpt.MARKER}) nor a run with complete checkpoints")
+    """A model file, checkpoint directory, a run's ``checkpoints`` folder or a run directory → what to load."""
+    return ckpt.resolve(path, hashes=False)
+
+
+def _load_file(path: Path) -> MultiTaskModel:
+    """A :meth:`MultiTaskModel.save` file; torch's ``weights_only`` unpickler refuses anything but tensors and
+    plain data, and that refusal (or a file that is no such model) becomes one :class:`CheckpointError` line."""
+    try:
+        return MultiTaskModel.load(path)
+    except Exception as err:  # noqa: BLE001 - an unreadable or hostile file, whatever torch raised for it
+        reason = one_line(str(err)).split(" Check the documentation")[0]
+        raise ckpt.CheckpointError(f"{path}: not a lampretrain model file ({reason[:300]})") from None
 
 
 def _dataset_names(meta: dict[str, Any], where: Path) -> list[str]:
@@ -44,7 +47,7 @@ def _dataset_names(meta: dict[str, Any], where: Path) -> list[str]:
     try:
         return StoreIndex.open(data["store"]).datasets
     except FileNotFoundError as err:
-        raise FileNotFoundError(
+        raise ckpt.CheckpointError(
             f"{where}: the checkpoint names no dataset list and its store {data['store']} is gone ({err}); "
             "the head order cannot be known"
         ) from None
@@ -72,10 +75,10 @@ def load_model(path: str | Path, weights: str = "ema") -> MultiTaskModel:
     raw weights) or "model" (always the raw weights).
     """
     if weights not in WEIGHTS:
-        raise ValueError(f"weights '{weights}' not one of {', '.join(WEIGHTS)}")
+        raise ConfigError(f"weights '{weights}' not one of {', '.join(WEIGHTS)}")
     path = resolve_checkpoint(path)
     if path.is_file():
-        return MultiTaskModel.load(path).eval()
+        return _load_file(path).eval()
     ckpt.verify(path, hashes=True)
     meta = ckpt.read_meta(path)
     model = MultiTaskModel(model_config_from_meta(meta, path))

@@ -12,13 +12,19 @@ from typing import Callable
 import torch
 
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
+_CONFIGS: dict[str, Callable[..., object]] = {}
 
 
-def register(name: str):
-    """Decorator: ``@register("matris-10m")`` on a function ``(**overrides) -> nn.Module``."""
+def register(name: str, configure: Callable[..., object]):
+    """Decorator: ``@register("matris-10m", configure)`` on a function ``(**overrides) -> nn.Module``.
+
+    ``configure(**overrides)`` returns the backbone's config without building weights, raising
+    ``ValueError`` for an unknown or out-of-range option, so a recipe is checked before any model exists.
+    """
 
     def wrap(fn: Callable[..., torch.nn.Module]):
         _BUILDERS[name] = fn
+        _CONFIGS[name] = configure
         return fn
 
     return wrap
@@ -30,8 +36,7 @@ def available() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def build(name: str, **overrides) -> torch.nn.Module:
-    """A backbone with default heads and random weights, e.g. ``build("matris-10m")``."""
+def _registered(name: str) -> None:
     family = name.split("-")[0]
     if name not in _BUILDERS:
         try:
@@ -41,7 +46,18 @@ def build(name: str, **overrides) -> torch.nn.Module:
                 raise
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(available())}")
+
+
+def build(name: str, **overrides) -> torch.nn.Module:
+    """A backbone with default heads and random weights, e.g. ``build("matris-10m")``."""
+    _registered(name)
     return _BUILDERS[name](**overrides)
+
+
+def configure(name: str, **overrides) -> object:
+    """The config ``build(name, **overrides)`` would use; ``ValueError`` names a bad option."""
+    _registered(name)
+    return _CONFIGS[name](**overrides)
 
 
 def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:

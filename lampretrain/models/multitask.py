@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..config import ConfigError
 from ..graph.batch import GraphBatch, edge_vectors
 from . import build
 from .conservative import energy_forces_stress
@@ -223,7 +224,7 @@ class MultiTaskModel(torch.nn.Module):
     def dataset_index(self, name: str) -> int:
         names = self.dataset_names
         if name not in names:
-            raise ValueError(f"unknown dataset '{name}'; this model has: {', '.join(names)}")
+            raise ConfigError(f"unknown dataset '{name}'; this model has: {', '.join(names)}")
         return names.index(name)
 
     def for_dataset(self, batch: GraphBatch, name: str) -> GraphBatch:

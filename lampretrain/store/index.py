@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
+
 STORE_SCHEMA = "lampretrain-store"
 STORE_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -74,6 +76,10 @@ def shard_name(split: str, shard: int, fmt: str) -> str:
     return f"{fmt}/{split}-{shard:05d}.{ext}"
 
 
+class StoreError(UserError, FileNotFoundError):
+    """A store directory that is missing, incomplete or of another version; the message names it and the fix."""
+
+
 @dataclass
 class StoreIndex:
     """A store's manifest plus its index columns (memory-mapped)."""
@@ -87,10 +93,13 @@ class StoreIndex:
         root = Path(root)
         manifest_path = root / "manifest.json"
         if not manifest_path.exists():
-            raise FileNotFoundError(f"{root}: not a lampretrain store (no manifest.json); run `lampretrain prep` first")
-        manifest = json.loads(manifest_path.read_text())
+            raise StoreError(f"{root}: not a lampretrain store (no manifest.json); run `lampretrain prep` first")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            raise StoreError(f"{manifest_path}: not valid JSON ({err}); re-run `lampretrain prep`") from None
         if manifest.get("schema") != STORE_SCHEMA or manifest.get("version") != STORE_VERSION:
-            raise ValueError(
+            raise StoreError(
                 f"{manifest_path}: store schema {manifest.get('schema')} v{manifest.get('version')} "
                 f"is not readable by this lampretrain (expects {STORE_SCHEMA} v{STORE_VERSION}); re-run prep"
             )

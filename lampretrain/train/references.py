@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..models import graph_cutoffs
@@ -35,7 +36,7 @@ def store_batches(
     index = StoreIndex.open(store)
     unknown = sorted(set(heads) - set(index.datasets))
     if unknown:
-        raise ValueError(f"{store}: no dataset(s) {unknown} (has {index.datasets})")
+        raise ConfigError(f"{store}: no dataset(s) {unknown} (has {index.datasets})")
     rows = index.rows(split)
     wanted = [index.datasets.index(n) for n in heads]
     keep = np.isin(index.dataset[rows], wanted)
@@ -162,7 +163,7 @@ def refit_store_references(
     without energy-labelled frames there keeps its references (a Refit with 0 frames)."""
     names = datasets or [n for n in StoreIndex.open(store).datasets if n in model.dataset_names]
     if not names:
-        raise ValueError(f"{store}: none of its datasets is a head of this model ({', '.join(model.dataset_names)})")
+        raise ConfigError(f"{store}: none of its datasets is a head of this model ({', '.join(model.dataset_names)})")
     refits = []
     for name in names:
         model.dataset_index(name)  # names the heads when it is not one of them

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..config import ConfigError
 from .. import malloc
 from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
@@ -195,7 +196,7 @@ def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> M
 def _autocast(recipe: Recipe, device: torch.device) -> torch.dtype | None:
     if recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda"):
         if device.type != "cuda":
-            raise ValueError("train.precision: bf16 autocast is for GPUs; use fp32 (or auto) on CPU")
+            raise ConfigError("train.precision: bf16 autocast is for GPUs; use fp32 (or auto) on CPU")
         return torch.bfloat16
     return None
 
@@ -231,6 +232,7 @@ def pretrain(
 
     ``max_steps`` stops early at that step (the schedule still follows ``train.steps``).
     """
+    recipe.data.check_store()  # a missing store or dataset name is one line, before any process group exists
     ctx = setup(recipe.train.device, recipe.engine.backend)
     # Restored afterwards: a process that trains in-process (tests, notebooks) and forks later must not
     # give its children the flag-setting SIGTERM handler, or they would ignore Pool.terminate().
@@ -279,7 +281,8 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         meta = ckpt.read_meta(source)
         tensors, extras = _state(engine, ema, objective, ctx)
         if meta["world_size"] != ctx.world_size:
-            raise ValueError(f"{source}: saved at world size {meta['world_size']}, resuming at {ctx.world_size}")
+            raise ckpt.CheckpointError(f"{source}: saved at world size {meta['world_size']}, resuming at "
+                                       f"{ctx.world_size}; resume with {meta['world_size']} ranks")
         ckpt.load(source, tensors, sparse="optim" if "optim" in tensors else None)
         engine.load_state_tensors(tensors, meta["engine"])
         if ema is not None:
@@ -372,20 +375,52 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     return RunResult(step, last_ckpt, run_dir, tracker.uri, tracker.run_id, preempted, last_metrics, val_metrics)
 
 
+RESUME_CHOICES = ("auto", "fresh")
+
+
 def _resume_source(root: Path, resume: str | None, ctx: Context, verify_hashes: bool) -> Path | None:
-    """Rank 0 picks the checkpoint (newest that verifies for "auto") and tells the others."""
+    """Rank 0 picks the checkpoint and tells the others; every refusal is a one-line CheckpointError.
+
+    ``None``: start at step 0 (a step directory already there is set aside when reached, never replaced).
+    ``"auto"``: the newest checkpoint that verifies, a fresh start when the run has none; when it has
+    some and none verifies, refuse, since starting over would bury a long run's history.
+    ``"fresh"``: start at step 0 after moving the run's checkpoints to ``checkpoints/previous-<time>/``.
+    A path: that checkpoint, or the newest of that run directory.
+    """
     if resume is None:
         return None
-    choice = None
+    choice, error = None, None
     if ctx.is_main:
-        if resume == "auto":
-            found = ckpt.latest(root, hashes=verify_hashes)
-            choice = str(found) if found else None
-        else:
-            ckpt.verify(Path(resume), hashes=verify_hashes)
-            choice = resume
-    choice = _broadcast(choice)
+        try:
+            choice = _pick_checkpoint(root, resume, verify_hashes)
+        except ckpt.CheckpointError as err:
+            error = str(err)
+    choice, error = _broadcast((choice, error))
+    if error is not None:
+        raise ckpt.CheckpointError(error)
     return Path(choice) if choice else None
+
+
+def _pick_checkpoint(root: Path, resume: str, verify_hashes: bool) -> str | None:
+    if resume not in RESUME_CHOICES:
+        found = ckpt.resolve(resume, verify_hashes)
+        ckpt.verify(found, verify_hashes)
+        return str(found)
+    existing = [path for _, path in ckpt.checkpoint_dirs(root)]
+    if resume == "fresh":
+        if existing:
+            moved = ckpt.set_aside(root, existing)
+            print(f"[lampretrain] --resume fresh: moved {len(existing)} earlier checkpoint(s) to {moved}", flush=True)
+        return None
+    if not existing:
+        return None
+    found = ckpt.latest(root, hashes=verify_hashes)
+    if found is None:
+        raise ckpt.CheckpointError(
+            f"{root}: --resume auto found {len(existing)} checkpoint(s) and none is usable "
+            f"({ckpt.unusable(root, verify_hashes)}); nothing was changed. Resume one by path, or pass "
+            "--resume fresh to start over (they are kept under checkpoints/previous-<time>/)")
+    return str(found)
 
 
 def _broadcast(value):

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from .. import register
 from .config import SIZES, DPA4Config, configure
 from .model import DPA4
@@ -19,6 +21,6 @@ def _builder(name: str):
 
 
 for _name in SIZES:
-    register(_name)(_builder(_name))
+    register(_name, partial(configure, SIZES[_name]))(_builder(_name))
 
 __all__ = ["DPA4", "DPA4Config", "SIZES", "configure"]

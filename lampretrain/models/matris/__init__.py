@@ -12,11 +12,11 @@ from .model import MatRIS
 __all__ = ["MatRIS", "MatRISConfig", "MATRIS_10M", "MATRIS_4M"]
 
 
-@register("matris-10m")
+@register("matris-10m", MATRIS_10M.with_overrides)
 def matris_10m(**overrides) -> MatRIS:
     return MatRIS(MATRIS_10M.with_overrides(**overrides))
 
 
-@register("matris-4m")
+@register("matris-4m", MATRIS_4M.with_overrides)
 def matris_4m(**overrides) -> MatRIS:
     return MatRIS(MATRIS_4M.with_overrides(**overrides))

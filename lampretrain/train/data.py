@@ -9,6 +9,7 @@ its per-frame edge/angle counts, which feed the sampler's cost model.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,6 +22,47 @@ from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..recipe import DataSection
 from ..sampling import BalancedBatchSampler, CostModel, dataset_weights, weights_from_mapping
 from ..store.index import StoreIndex
+
+
+# Slurm (time limit, scancel, preemption) and Kubernetes signal every process of a job, and torchrun signals
+# each rank's whole process group: loader workers get the preemption signal too. Left to torch, a worker dies
+# on SIGTERM and the trainer fails with "DataLoader worker ... killed by signal" instead of checkpointing.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _ignore_preemption(worker_id: int) -> None:
+    """worker_init_fn: the trainer alone reacts to preemption; it stops its workers through the DataLoader.
+
+    Runs after torch's own worker signal handlers (its SIGTERM one re-raises the default action), so it wins.
+    The signals stay blocked from the fork (:class:`WorkerLoader`) to here: one sent meanwhile is discarded
+    by SIG_IGN instead of killing a worker that has not got this far. Torch's fallback ``terminate()`` of a
+    worker that does not join is thereby a no-op; such a worker still leaves once the trainer has gone (torch's
+    worker watchdog checks its parent every few seconds).
+    """
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes leave SIGTERM, SIGUSR1 and SIGINT to the trainer.
+
+    Workers are forked when an iteration starts (every epoch, every validation), so the signals are blocked
+    in the trainer's thread around that; a signal that comes then waits for the unblock and reaches the
+    trainer's handler a few milliseconds late, and the workers inherit the block (see ``_ignore_preemption``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=_ignore_preemption, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class _Rows(Dataset):
@@ -109,7 +151,7 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
         cost, cfg.budget, rank, world_size, dataset=head_ds, weights=weights, epoch_size=s.epoch_size, seed=seed
     )
     collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)}, packed=True)
-    loader = DataLoader(
+    loader = WorkerLoader(
         _Rows(frames, keep),
         batch_sampler=sampler,
         collate_fn=collate,
@@ -151,7 +193,7 @@ def build_val_loader(
         load += c
     pair, three_body = cutoffs if cutoffs is not None else (index.cutoff, index.three_body_cutoff)
     collate = GraphCollate(pair, three_body, {n: k for k, n in enumerate(names)})
-    return DataLoader(
+    return WorkerLoader(
         _Rows(LmdbFrameDataset.from_index(index, "val"), mine), batch_sampler=batches, collate_fn=collate,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(0),  # iter(loader) draws a seed: validation leaves the global RNG alone

@@ -169,6 +169,14 @@ def test_extxyz_cut_inside_its_last_line_is_reported(tmp_path: Path) -> None:
     assert [str(e) for e in errors] == [f"{path}#27: the file ends inside line 168 without a newline (truncated)"]
 
 
+def test_extxyz_from_a_windows_editor_reads_every_frame(tmp_path: Path) -> None:
+    original, lines = _feo_lines(tmp_path)
+    path = tmp_path / "windows.extxyz"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(lines).replace("\n", "\r\n").encode())  # byte-order mark, CRLF
+    frames = list(read_frames(path))
+    assert [f.energy for f in frames] == pytest.approx([f.energy for f in original], abs=1e-8) and len(frames) == 28
+
+
 def test_empty_blank_and_binary_files_are_one_record_each(tmp_path: Path) -> None:
     empty, blank, binary = tmp_path / "empty.extxyz", tmp_path / "blank.xyz", tmp_path / "garbage.xyz"
     empty.write_bytes(b"")
@@ -188,3 +196,19 @@ def test_empty_blank_and_binary_files_are_one_record_each(tmp_path: Path) -> Non
     errors = []
     assert list(read_frames(tmp_path, on_error=errors.append)) == []  # the same through a directory
     assert sorted(str(e) for e in errors) == sorted(f"{p}: {r}" for p, r in expected.items())
+
+
+def test_damaged_aselmdb_is_one_record_and_no_traceback(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("ase_db_backends")
+    import gc
+    import sys
+
+    unraisable: list = []  # what Python would print as "Exception ignored in ..." with a traceback
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    path = tmp_path / "oxides.aselmdb"
+    path.write_bytes(bytes(range(256)) * 64)
+    errors: list[ReadError] = []
+    assert list(read_frames(path, on_error=errors.append)) == []
+    gc.collect()  # a half-built ase-db-backends database raises from __del__ when collected
+    assert [str(e) for e in errors] == [f"{path}: cannot open database: {path}: MDB_INVALID: File is not an LMDB file"]
+    assert unraisable == []

@@ -204,7 +204,11 @@ def read_frames(
         raise ValueError(f"unknown format {format!r}; known: {sorted(FORMATS)}")
     if _reported_empty(Path(path), on_error):
         return iter(())
-    fmt = format or guess_format(path)  # always a FORMATS name
+    try:
+        fmt = format or guess_format(path)  # always a FORMATS name
+    except ReadError as exc:  # a missing path, or an HDF5 file that is damaged or of no known layout
+        report(on_error, exc)
+        return iter(())
     reader = FORMATS[fmt]
     if fmt == "directory":
         known = {name for r in FORMATS.values() for name in inspect.signature(r).parameters}

@@ -184,7 +184,9 @@ def read_extxyz(
             report(on_error, ReadError("binary content (NUL bytes or invalid UTF-8), not extxyz text", path))
             return
     index = -1
-    with open(path, encoding="utf-8", errors="replace") as handle:  # damage past the probe reaches one frame only
+    # utf-8-sig drops a Windows editor's byte-order mark, which would hide the first count line; damage
+    # past the probe becomes U+FFFD and so reaches only the frame it is in
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for index, (start, text, problem) in enumerate(_split_frames(handle)):
             if problem is not None:
                 report(on_error, ReadError(problem, path, index))
@@ -210,6 +212,16 @@ def read_ase_db(
     if not path.exists():
         report(on_error, ReadError("no such database", path))
         return
+    if path.suffix == ".aselmdb":
+        # ase-db-backends reopens a file it failed to open from its __del__, which prints a traceback past
+        # any handler ("Exception ignored in ..."), so a damaged file is caught here first
+        import lmdb
+
+        try:
+            lmdb.open(str(path), subdir=False, readonly=True, lock=False).close()
+        except lmdb.Error as exc:
+            report(on_error, ReadError(f"cannot open database: {exc}", path))
+            return
     try:
         db = ase.db.connect(str(path), use_lock_file=False, **({"readonly": True} if path.suffix == ".aselmdb" else {}))
         rows = db.select()

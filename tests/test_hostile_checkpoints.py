@@ -214,8 +214,14 @@ def test_a_hostile_model_file_is_refused(tmp_path):
     torch.save({"config": {}, "state_dict": _Reduce(f"touch {marker}")}, tmp_path / "model.pt")
     from lampretrain.inference import Calculator
 
-    with pytest.raises(ckpt.CheckpointError, match="not a lampretrain model file"):
+    from lampretrain.finetune.property import PropertyModel
+    from lampretrain.model_files import ModelFileError
+
+    with pytest.raises(ModelFileError, match="model.pt: refused, not a plain tensor file .*Weights only load failed"):
         Calculator(str(tmp_path / "model.pt"))
+    with pytest.raises(ModelFileError, match="refused"):
+        PropertyModel.load(tmp_path / "model.pt")
+    assert cli.main(["evaluate", str(tmp_path / "model.pt"), str(tmp_path)]) == 2
     assert not marker.exists()
 
 

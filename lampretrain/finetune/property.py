@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..model_files import read_model_file
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..models.layers.mlp import MLP
@@ -171,7 +172,7 @@ class PropertyModel(torch.nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PropertyModel":
         """Rebuild from :meth:`save`'s file (read with ``weights_only=True``)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = read_model_file(path, ("config", "property", "state_dict"), map_location)
         section = PropertySection(**ckpt["property"])
         width = len(section.columns)
         model = cls(MultiTaskModel(MultiTaskConfig.from_dict(ckpt["config"])), section, np.zeros(width), np.ones(width))

@@ -7,7 +7,7 @@ the trainer's safe reader (tensor-only planner, restricted metadata unpickler).
 The exponential moving average of the weights is used when the run kept one,
 as is usual for evaluation. Nothing here unpickles arbitrary objects: see
 :mod:`lampretrain.train.checkpoint` for what a planted checkpoint is refused
-with; a model file is read by torch's ``weights_only`` unpickler.
+with; a model file is read by :mod:`lampretrain.model_files`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..errors import one_line
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train import checkpoint as ckpt
@@ -27,16 +26,6 @@ WEIGHTS = ("ema", "model")
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model file, checkpoint directory, a run's ``checkpoints`` folder or a run directory → what to load."""
     return ckpt.resolve(path, hashes=False)
-
-
-def _load_file(path: Path) -> MultiTaskModel:
-    """A :meth:`MultiTaskModel.save` file; torch's ``weights_only`` unpickler refuses anything but tensors and
-    plain data, and that refusal (or a file that is no such model) becomes one :class:`CheckpointError` line."""
-    try:
-        return MultiTaskModel.load(path)
-    except Exception as err:  # noqa: BLE001 - an unreadable or hostile file, whatever torch raised for it
-        reason = one_line(str(err)).split(" Check the documentation")[0]
-        raise ckpt.CheckpointError(f"{path}: not a lampretrain model file ({reason[:300]})") from None
 
 
 def _dataset_names(meta: dict[str, Any], where: Path) -> list[str]:
@@ -78,7 +67,7 @@ def load_model(path: str | Path, weights: str = "ema") -> MultiTaskModel:
         raise ConfigError(f"weights '{weights}' not one of {', '.join(WEIGHTS)}")
     path = resolve_checkpoint(path)
     if path.is_file():
-        return _load_file(path).eval()
+        return MultiTaskModel.load(path).eval()
     ckpt.verify(path, hashes=True)
     meta = ckpt.read_meta(path)
     model = MultiTaskModel(model_config_from_meta(meta, path))

@@ -22,6 +22,7 @@ import torch
 
 from ..config import ConfigError
 from ..graph.batch import GraphBatch, edge_vectors
+from ..model_files import read_model_file
 from . import build
 from .conservative import energy_forces_stress
 from .heads import (
@@ -314,7 +315,7 @@ class MultiTaskModel(torch.nn.Module):
     @classmethod
     def load(cls, source: str | os.PathLike | Mapping[str, Any], map_location: str | torch.device = "cpu") -> "MultiTaskModel":
         """Rebuild from :meth:`save`'s file (read with ``weights_only=True``) or :meth:`checkpoint`'s dict."""
-        ckpt = source if isinstance(source, Mapping) else torch.load(source, map_location=map_location, weights_only=True)
+        ckpt = source if isinstance(source, Mapping) else read_model_file(source, ("config", "state_dict"), map_location)
         model = cls(MultiTaskConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"], assign=True)  # keeps the saved dtypes (float64 references)
         return model

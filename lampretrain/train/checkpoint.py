@@ -365,7 +365,9 @@ def load(path: Path, tensors: dict[str, Any], sparse: str | None = None) -> None
             elif not all(present):
                 raise CheckpointError(f"{path}: {sparse} state of '{name}' is only partly saved")
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner())
+        # no_dist: outside a process group (evaluate, export, the calculator) this rank reads it all
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner(),
+                 no_dist=not dist.is_initialized())
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # DCP's CheckpointException is a BaseException wrapping each rank's failure

@@ -23,6 +23,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,14 @@ class Preemption:
     def __init__(self, group):
         self.group = group
         self.flag = False
+        self.since: float | None = None  # perf_counter() at the first signal: the grace a cluster must give
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.flag = True
+        if self.since is None:
+            self.since = time.perf_counter()
 
     def agreed(self) -> bool:
         t = torch.tensor([int(self.flag)])
@@ -363,10 +367,15 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
                 "recipe": resolved, "model": model.config.to_dict(), "torch": torch.__version__, "time": time.time(),
             }
             meta["mlflow_run_id"] = _broadcast(meta["mlflow_run_id"])
+            t_save = time.perf_counter()
             last_ckpt = ckpt.save(ckpt_root, step, tensors, meta, recipe.checkpoint.keep)
+            save_s = time.perf_counter() - t_save
+            tracker.log_metrics({"checkpoint_write_s": save_s}, step)  # sizes the preemption grace (docs/clusters)
         if preempted:
             if ctx.is_main:
-                print(f"[lampretrain] preempted: checkpoint {last_ckpt} at step {step}", flush=True)
+                after = f", {time.perf_counter() - preempt.since:.1f} s after the signal" if preempt.since else ""
+                print(f"[lampretrain] preempted: checkpoint {last_ckpt} at step {step} (written in {save_s:.1f} s"
+                      f"{after})", flush=True)
             break
     if bar is not None:
         bar.close()
@@ -414,7 +423,12 @@ def _pick_checkpoint(root: Path, resume: str, verify_hashes: bool) -> str | None
         return None
     if not existing:
         return None
-    found = ckpt.latest(root, hashes=verify_hashes)
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always", RuntimeWarning)
+        found = ckpt.latest(root, hashes=verify_hashes)
+    if found is not None:  # newer broken ones were skipped: say so; when all are broken, the error says it
+        for w in skipped:
+            warnings.warn(w.message, RuntimeWarning, stacklevel=2)
     if found is None:
         raise ckpt.CheckpointError(
             f"{root}: --resume auto found {len(existing)} checkpoint(s) and none is usable "

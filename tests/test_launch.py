@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -69,11 +70,13 @@ def _stubs(tmp_path: Path) -> Path:
     scripts = {
         "srun": 'while [[ "$1" == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n',
         "scontrol": 'if [[ "$1 $2" == "show hostnames" ]]; then printf "node1\\nnode2\\n"; '
-        'else echo "$@" >> "$STUB_LOG/scontrol"; fi\n',
+        'else echo "$@" $([[ -e "$STUB_LOG/checkpointed" ]] && echo after-checkpoint) >> "$STUB_LOG/scontrol"; fi\n',
         "launcher": 'printf "%s\\n" "$(basename "$0")" "$@" > "$STUB_LOG/args"\n'
+        'echo "${PET_SIGNALS_TO_HANDLE:-}" > "$STUB_LOG/signals-to-handle"\n'
         '[[ "$*" == *--hostfile* ]] && cp "$2" "$STUB_LOG/hostfile"\n'
-        'trap \'echo USR1 > "$STUB_LOG/signal"; exit 0\' USR1\n'
-        'trap \'echo TERM > "$STUB_LOG/signal"; exit 0\' TERM\n'
+        'checkpoint() { echo "$1" >> "$STUB_LOG/signal"; sleep "${STUB_CHECKPOINT_S:-0}"; '
+        'touch "$STUB_LOG/checkpointed"; exit 0; }\n'
+        'trap "checkpoint USR1" USR1\ntrap "checkpoint TERM" TERM\n'
         'touch "$STUB_LOG/started"\nwhile true; do sleep 0.05; done\n',
     }
     for name, body in scripts.items():
@@ -84,15 +87,18 @@ def _stubs(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _run_preempted(tmp_path: Path, script: str) -> tuple[int, Path]:
-    """Run the batch script with the stubs, send it USR1 like Slurm does, return its exit code and logs."""
+def _run_preempted(tmp_path: Path, script: str, term_after_s: float | None = None) -> tuple[int, Path]:
+    """Run the batch script with the stubs, send it USR1 like Slurm does, return its exit code and logs.
+
+    ``term_after_s``: also send TERM that long after USR1 (the time limit, or scancel, during the checkpoint);
+    the stub trainer then takes 1 s to checkpoint."""
     logs = tmp_path / "stub-logs"
     logs.mkdir()
     (tmp_path / "job.sbatch").write_text(script)
     env = {
         **os.environ, "PATH": f"{_stubs(tmp_path)}:{os.environ['PATH']}", "STUB_LOG": str(logs),
         "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
-        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_SUBMIT_DIR": str(tmp_path), "STUB_CHECKPOINT_S": "0" if term_after_s is None else "1",
     }
     proc = subprocess.Popen(["bash", str(tmp_path / "job.sbatch")], env=env, cwd=tmp_path)
     deadline = time.monotonic() + 20
@@ -100,6 +106,9 @@ def _run_preempted(tmp_path: Path, script: str) -> tuple[int, Path]:
         assert time.monotonic() < deadline and proc.poll() is None, "the launcher never started"
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
+    if term_after_s is not None:
+        time.sleep(term_after_s)
+        proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=20), logs
 
 
@@ -110,10 +119,11 @@ def test_slurm_torchrun_script_rendezvous_and_requeue(tmp_path):
     for expected in (
         "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --account=a1",
         "#SBATCH --gpus-per-node=4", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
-        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")', 'HEAD=${NODES[0]}',
         "torchrun --nnodes \"$SLURM_NNODES\" --nproc_per_node 4 \\",
         '--rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$HEAD:$PORT" \\',
         "trap 'on_preempt USR1' USR1", 'scontrol requeue "$SLURM_JOB_ID"',
+        "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     ):
         assert expected in lines, expected
     code, logs = _run_preempted(tmp_path, script)
@@ -124,7 +134,19 @@ def test_slurm_torchrun_script_rendezvous_and_requeue(tmp_path):
     assert args[args.index("pretrain") + 2 : args.index("pretrain") + 4] == ["--resume", "auto"]
     assert f"output={tmp_path / 'runs'}/demo-matris" in args
     assert (logs / "signal").read_text().strip() == "USR1"  # forwarded to the trainer
-    assert (logs / "scontrol").read_text().strip() == "requeue 4242"  # then requeued
+    assert (logs / "scontrol").read_text().strip() == "requeue 4242 after-checkpoint"  # then requeued
+    # torchrun 2.13 forwards USR1 only when told through PET_SIGNALS_TO_HANDLE (else USR1 kills it at once)
+    assert "SIGUSR1" in (logs / "signals-to-handle").read_text().strip().split(",")
+
+
+def test_slurm_script_outlives_a_second_signal_until_the_checkpoint(tmp_path):
+    """TERM during the USR1 checkpoint (time limit, scancel) must not end the job before the trainer has exited:
+    the batch script is what keeps the allocation, and the requeue must follow the checkpoint, once."""
+    script = _render(tmp_path, SLURM | {"paths": {"output": str(tmp_path / "runs")}}, "--cluster", "slurm")
+    code, logs = _run_preempted(tmp_path, script, term_after_s=0.3)
+    assert code == 0
+    assert (logs / "signal").read_text().split() == ["USR1"]  # the trainer was asked once
+    assert (logs / "scontrol").read_text().splitlines() == ["requeue 4242 after-checkpoint"]
 
 
 def test_slurm_deepspeed_script_hostfile_and_node_rank(tmp_path):
@@ -141,7 +163,7 @@ def test_slurm_deepspeed_script_hostfile_and_node_rank(tmp_path):
             "pretrain", str(RECIPE), "--resume", "auto", "--set", "train.steps=7"]
     assert args[: len(head)] == head
     assert (logs / "signal").read_text().strip() == "TERM"  # the DeepSpeed launcher forwards TERM only
-    assert (logs / "scontrol").read_text().strip() == "requeue 4242"
+    assert (logs / "scontrol").read_text().strip() == "requeue 4242 after-checkpoint"
 
 
 def test_ray_on_slurm_script(tmp_path):
@@ -158,8 +180,19 @@ def test_ray_on_slurm_script(tmp_path):
         'srun --nodes=1 --ntasks=1 -w "$node" \\',
         'ray start --address="$ADDRESS" --num-gpus=4 --block &',
         f'python -m lampretrain.cli sweep {sweep} --address "$ADDRESS" &',
+        "export RAY_AUTH_MODE=token",  # every ray start, the readiness check and the sweep inherit it
+        "export RAY_AUTH_TOKEN_PATH=$RAY_JOB_DIR/auth_token",
     ):
         assert expected in lines, expected
+    assert "0.0.0.0" not in script
+    # the token step itself, run by bash: a fresh 256-bit token in a file only its owner can read
+    token_step = next(line for line in lines if "secrets.token_hex" in line)
+    job = tmp_path / "jobdir"
+    env = {**os.environ, "RAY_JOB_DIR": str(job)}
+    assert subprocess.run(["bash", "-c", f"set -euo pipefail; {token_step}"], env=env).returncode == 0
+    token = job / "auth_token"
+    assert len(token.read_text().strip()) == 64 and stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(job.stat().st_mode) == 0o700
     assert lines.index('for node in "${NODES[@]:1}"; do') < lines.index("deadline=$((SECONDS + 300))")
 
 
@@ -205,6 +238,20 @@ def test_rayjob_manifest(tmp_path):
     (group,) = cluster["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["name"] == "ray-head"
+    # the head's job API listens on the pod address (KubeRay's submitter and status polls come from other pods),
+    # so it must be behind Ray token authentication, which needs Ray >= 2.52
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert cluster["rayVersion"] == "2.60.0"
+    unauthenticated = yaml.safe_load(yaml.safe_dump(doc))
+    del unauthenticated["spec"]["rayClusterSpec"]["authOptions"]
+    assert check_manifest(unauthenticated) == [
+        "spec.rayClusterSpec.authOptions.mode: 'token' required, the dashboard listens on 0.0.0.0"]
+    unauthenticated["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] = "127.0.0.1"
+    assert check_manifest(unauthenticated) == []
+    old_ray = yaml.safe_load(yaml.safe_dump(doc))
+    old_ray["spec"]["rayClusterSpec"]["rayVersion"] = "2.9.0"
+    assert check_manifest(old_ray) == [
+        "spec.rayClusterSpec.rayVersion: '2.9.0'; token authentication needs Ray >= 2.52"]
     del cluster["headGroupSpec"]["rayStartParams"]
     group["minReplicas"] = 5
     found = check_manifest(doc)

@@ -109,7 +109,8 @@ def rayjob(plan: LaunchPlan) -> dict[str, Any]:
         "namespace": plan.profile.kubernetes.namespace,
         "entrypoint": shell_join([plan.profile.environment.python, "-m", "lampretrain.cli", *plan.command_args(), "--address", "auto"]),
         "ray_version": plan.profile.kubernetes.ray_version,
-        # KubeRay submits the entrypoint through the job API on the head's dashboard port
+        # KubeRay submits the entrypoint and reads its status through the job API on the head's dashboard port,
+        # from other pods, so it listens on the pod's address; authOptions (rayjob.yaml) puts a token on it
         "head_params": {"dashboard-host": "0.0.0.0", **params},
         "worker_params": dict(params),
         "workers": plan.nodes - 1,

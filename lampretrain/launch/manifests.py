@@ -106,6 +106,15 @@ def check_pytorchjob(doc: dict) -> list[str]:
     return problems
 
 
+def _older(version: str, than: tuple[int, int]) -> bool:
+    """Whether a "major.minor[.patch]" version is below ``than``; an unparsable one counts as older."""
+    parts = version.split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) < than
+    except (IndexError, ValueError):
+        return True
+
+
 def check_rayjob(doc: dict) -> list[str]:
     """Problems of a ``ray.io/v1`` RayJob (an empty list when it is well formed)."""
     problems: list[str] = []
@@ -118,6 +127,13 @@ def check_rayjob(doc: dict) -> list[str]:
     cluster = _get(doc, "spec.rayClusterSpec", problems, dict)
     if cluster is None:
         return problems
+    # the head's job API runs code for whoever reaches it: off the pod's loopback it must want a token
+    dashboard = ((cluster.get("headGroupSpec") or {}).get("rayStartParams") or {}).get("dashboard-host", "0.0.0.0")
+    if dashboard not in ("127.0.0.1", "localhost") and (cluster.get("authOptions") or {}).get("mode") != "token":
+        problems.append(f"spec.rayClusterSpec.authOptions.mode: 'token' required, the dashboard listens on {dashboard}")
+    version = str(cluster.get("rayVersion", ""))
+    if (cluster.get("authOptions") or {}).get("mode") == "token" and _older(version, (2, 52)):
+        problems.append(f"spec.rayClusterSpec.rayVersion: {version!r}; token authentication needs Ray >= 2.52")
     head = _get(cluster, "headGroupSpec", problems, dict)
     groups = [("spec.rayClusterSpec.headGroupSpec", head)] if head is not None else []
     for k, g in enumerate(_get(cluster, "workerGroupSpecs", problems, list) or []):

@@ -81,7 +81,7 @@ class KubernetesSection:
     volumes: list[VolumeSection] = field(default_factory=list)
     node_selector: dict[str, str] = field(default_factory=dict)
     shm_size: str = "16Gi"  # /dev/shm for DataLoader workers and NCCL
-    ray_version: str = "2.9.0"  # KubeRay RayJob spec.rayClusterSpec.rayVersion
+    ray_version: str = "2.60.0"  # KubeRay RayJob spec.rayClusterSpec.rayVersion; token auth needs >= 2.52
     backoff_limit: int = 3  # PyTorchJob restarts (each resumes from the newest checkpoint)
 
 

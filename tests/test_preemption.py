@@ -75,7 +75,9 @@ def check_preempted_then_resume(tmp_path: Path, store: Path, sig: signal.Signals
     # a plain process exits 0; torchrun exits 1 after its own SignalException, once its ranks have exited
     assert code == (1 if nproc > 1 else 0), out[-4000:]
     assert "killed by signal" not in out, out[-4000:]
-    reached = re.search(r"\[lampretrain\] preempted: checkpoint (\S+) at step (\d+)", out)
+    # the write time and the time since the signal size the grace a cluster must give (docs/clusters/slurm.md)
+    reached = re.search(r"\[lampretrain\] preempted: checkpoint (\S+) at step (\d+) \(written in [0-9.]+ s, "
+                        r"[0-9.]+ s after the signal\)", out)
     assert reached, out[-4000:]
     step = int(reached.group(2))
     assert 2 < step < FINAL  # the step it was in when the signal came, not a periodic checkpoint

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import ConfigError
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..recipe import DataSection
@@ -115,7 +116,7 @@ def _selected(index: StoreIndex, cfg: DataSection, names: list[str], split: str)
     within ``max_natoms``."""
     unknown = sorted(set(names) - set(index.datasets))
     if unknown:
-        raise ValueError(f"data.datasets names {unknown}, not in store {cfg.store} (has {index.datasets})")
+        raise ConfigError(f"data.datasets names {unknown}, not in store {cfg.store} (has {index.datasets})")
     rows = index.rows(split)
     store_ds = np.asarray(index.dataset[rows], dtype=np.int64)
     keep = np.isin(store_ds, [index.datasets.index(n) for n in names])
@@ -130,7 +131,7 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
     names = cfg.datasets or index.datasets
     keep, kept_ds = _selected(index, cfg, names, cfg.split)
     if keep.size == 0:
-        raise ValueError(f"data: no '{cfg.split}' frames left in {cfg.store} for datasets {names} (max_natoms={cfg.max_natoms})")
+        raise ConfigError(f"data: no '{cfg.split}' frames left in {cfg.store} for datasets {names} (max_natoms={cfg.max_natoms})")
     rows = index.rows(cfg.split)
     frames = LmdbFrameDataset.from_index(index, cfg.split)
     wanted = np.array([index.datasets.index(n) for n in names])

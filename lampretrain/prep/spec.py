@@ -88,8 +88,12 @@ class PrepSpec:
             raise ConfigError("formats: choose at least one of 'lmdb', 'wds'")
         if self.three_body_cutoff > self.cutoff:
             raise ConfigError(f"three_body_cutoff {self.three_body_cutoff} exceeds cutoff {self.cutoff}")
-        if self.shard_size_mb <= 0:
-            raise ConfigError("shard_size_mb: must be positive")
+        if not self.shard_size_mb > 0:
+            raise ConfigError(f"shard_size_mb: must be > 0, got {self.shard_size_mb}")
+        if not self.three_body_cutoff > 0:  # also bounds cutoff, which is at least as large
+            raise ConfigError(f"three_body_cutoff: must be > 0 Å, got {self.three_body_cutoff}")
+        if not self.min_distance >= 0:
+            raise ConfigError(f"min_distance: must be >= 0 Å, got {self.min_distance}")
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> PrepSpec:

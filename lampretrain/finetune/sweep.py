@@ -17,12 +17,15 @@ A sweep file names a base fine-tuning recipe and a search space over its keys::
 
 Every trial runs :func:`lampretrain.finetune.finetune` (the code of ``lampretrain finetune``)
 in its own Ray worker process and reports ``<eval_split>_mae`` at every log window, so ASHA
-can stop it early. A trial that raises is reported with its error and the sweep goes on.
+can stop it early. A trial that fails (raises, its process is killed, e.g. by the OOM killer,
+or its Ray worker dies) is a ``failed`` row with a one-line reason, its MLflow child run ends
+``FAILED`` with that reason in its ``error`` tag, and the sweep goes on.
 Finished trials (completed or stopped by ASHA) are recorded in ``<output>/trials/<key>.json``,
 ``key`` the hash of the base recipe and the trial's values: a re-run (after an interruption,
 or with a grown search space) replays them from their records instead of training again.
 At the end ``<output>/summary.csv`` holds one row per trial, the best completed trial's
-exported model (and checkpoint) is copied to ``<output>/best``.
+exported model (and checkpoint) is copied to ``<output>/best``; ``lampretrain sweep`` exits 0
+when there is one, 1 when no trial completed.
 """
 
 from __future__ import annotations
@@ -38,15 +41,18 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ..recipe import _number_literal
-from .recipe import parse_finetune
+from .recipe import FinetuneRecipe, parse_finetune
 
 PREFIX = "@@lampretrain-report "  # a trial process's report line on stdout: PREFIX + json
+KEY_TAG = "lampretrain.trial_key"  # MLflow tags of a trial's child run: its key, and the sweep invocation
+ATTEMPT_TAG = "lampretrain.sweep_attempt"  # that ran it (a re-run runs a failed trial again under a new run)
 PATH_KEYS = ("data.store", "finetune.checkpoint", "finetune.replay.store", "property.csv")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -219,8 +225,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def run_name(base: dict[str, Any], key: str) -> str:
+    return f"{base.get('name', 'finetune')}-{key[:8]}"
+
+
+def _died(code: int) -> str:
+    """The reason for a trial process that a signal ended (``code`` < 0, as Popen reports it)."""
+    sig = signal.Signals(-code)
+    # the kernel's OOM killer sends SIGKILL, and the trial never installs a handler that could exit otherwise
+    hint = "; out of memory?" if sig == signal.SIGKILL else ""
+    return f"trial process died (killed by signal {-code} {sig.name}{hint})"
+
+
 def run_trial(config: dict[str, Any], base: dict[str, Any], root: str, output: str, records: dict[str, dict],
-              metric: str, tracking: dict[str, Any]) -> None:
+              metric: str, tracking: dict[str, Any], attempt: str) -> None:
     """One Ray Tune trial: replay its record when it finished before, else fine-tune and report every log window.
 
     The fine-tuning runs in a child process (:mod:`lampretrain.finetune.trial`) whose report
@@ -240,8 +258,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], root: str, output: s
     trial_dir.mkdir(parents=True, exist_ok=True)
     data = with_params(base, params, Path(root))
     data["output"] = str(trial_dir)
-    data["name"] = f"{data.get('name', 'finetune')}-{key[:8]}"
+    data["name"] = run_name(base, key)
     data["tracking"] = {**tracking, "enabled": True, "run_name": data["name"]}
+    tags = json.dumps({KEY_TAG: key, ATTEMPT_TAG: attempt})
     recipe_path = trial_dir / "trial.json"
     recipe_path.write_text(json.dumps(data, indent=1))
     log_path = trial_dir / "trial.log"
@@ -249,7 +268,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], root: str, output: s
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, "-m", "lampretrain.finetune.trial", str(recipe_path)],
+        child = subprocess.Popen([sys.executable, "-m", "lampretrain.finetune.trial", str(recipe_path), tags],
                                  stdout=subprocess.PIPE, stderr=log, text=True, env=env, preexec_fn=_die_with_parent)
         try:
             for line in child.stdout:
@@ -258,12 +277,17 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], root: str, output: s
                 out = json.loads(line[len(PREFIX):])
                 out.update(trial_key=key, trial_dir=str(trial_dir), cached=False, node_id=node)
                 if metric not in out:
-                    raise KeyError(f"metric '{metric}' is not reported by the trials; they report {sorted(out)}")
+                    names = sorted(k for k in out if "/" not in k)  # not the per-dataset ones: a line stays readable
+                    raise TrialError(f"the trial does not report the sweep's metric '{metric}' (it reports {names}; "
+                                     "fine-tuning reports <eval_split>_mae only when its dataset has frames in "
+                                     "finetune.eval_split)")
                 tune.report(out)
         finally:
             if child.poll() is None and sys.exc_info()[0] is not None:
                 child.kill()
             code = child.wait()
+    if code < 0:  # its log ends wherever the signal struck: not a reason
+        raise TrialError(f"{_died(code)} (log: {log_path})")
     if code != 0:
         lines = [x for x in log_path.read_text().splitlines() if x.strip()]
         raise TrialError(f"{lines[-1] if lines else f'exit code {code}'} (log: {log_path})")
@@ -282,8 +306,18 @@ def _callback(output: Path, uri: str):
     from ray import tune
 
     class TrialRecords(tune.Callback):
+        """Also each trial's values and reports by trial id: the summary's source, since Tune's result of a trial
+        whose worker died before its first report has neither (``Result.config`` is None)."""
+
         def __init__(self):
+            self.params: dict[str, dict[str, Any]] = {}
             self.history: dict[str, list[dict]] = {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.params[trial.trial_id] = trial.config["params"]
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # also a trial that failed before it started
+            self.params[trial.trial_id] = trial.config["params"]
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             keep = {k: v for k, v in result.items() if k not in ("config",) and isinstance(v, (int, float, str, bool))}
@@ -349,29 +383,64 @@ def _start_ray(section: RaySection, address: str | None) -> bool:
     return True
 
 
-def _row(result, base: dict[str, Any], records: dict[str, dict], metric: str, space: list[str],
-         output: Path) -> dict[str, Any]:
-    params = result.config["params"]
-    m = result.metrics or {}
+def _reason(error: BaseException) -> str:
+    """A failed trial's error as one line: what happened, in the user's terms."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, TrialError):
+        text = str(cause)
+    elif isinstance(cause, OutOfMemoryError):
+        text = "the trial's Ray worker was killed by Ray's memory monitor (out of memory)"
+    elif isinstance(cause, RayActorError):
+        # the worker's own death (a signal, the OOM killer, its node gone); the trial process dies with it
+        why = "its node was preempted" if cause.preempted else "killed by a signal, out of memory, or its node was lost"
+        text = f"the trial's Ray worker process died ({why})"
+    else:
+        text = f"{type(cause).__name__}: {cause}"
+    lines = [x for x in text.splitlines() if x.strip()]
+    return lines[0][:300] if lines else type(cause).__name__
+
+
+def _row(params: dict[str, Any], history: list[dict], error: BaseException | None, base: dict[str, Any],
+         records: dict[str, dict], metric: str, space: list[str], output: Path) -> dict[str, Any]:
+    m = history[-1] if history else {}
     key = trial_key(base, params)
-    history = records.get(key)
-    if result.error is not None:
-        status = "error"
+    record = records.get(key)
+    if error is not None:
+        status = "failed"
     elif m.get("cached"):
-        status = "cached (stopped early)" if history and history["stopped_early"] else "cached"
+        status = "cached (stopped early)" if record and record["stopped_early"] else "cached"
     else:
         status = "completed" if m.get("finished") else "stopped early"
-    error = ""
-    if result.error is not None:
-        cause = getattr(result.error, "cause", None) or result.error
-        error = str(cause).splitlines()[0][:300] if isinstance(cause, TrialError) else f"{type(cause).__name__}: {cause}"
-        error = error.splitlines()[0][:300]
+    reason = _reason(error) if error is not None else ""
     row = {"trial": key[:8], "status": status}
     row.update({k: params.get(k) for k in space})
-    row.update({metric: m.get(metric), "step": m.get("step"), "reports": m.get("training_iteration"),
+    row.update({metric: m.get(metric), "step": m.get("step"), "reports": len(history),
                 "mlflow_run_id": m.get("mlflow_run_id", ""), "node_id": m.get("node_id", ""),
-                "trial_dir": m.get("trial_dir") or (str(output / "trials" / key) if error else ""), "error": error})
+                "trial_dir": m.get("trial_dir") or (str(output / "trials" / key) if error else ""), "error": reason})
     return row
+
+
+def _fail_runs(rows: list[dict[str, Any]], keys: list[str], uri: str, parent_run_id: str, attempt: str) -> None:
+    """End each failed trial's child run of this invocation that is still ``RUNNING`` (its process was killed, or its
+    worker died, so nothing ended it) as ``FAILED`` with the row's reason; fill the row's run id when it never
+    reported one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    for row, key in zip(rows, keys):
+        if row["status"] != "failed":
+            continue
+        runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                f"tags.`{KEY_TAG}` = '{key}' and tags.`{ATTEMPT_TAG}` = '{attempt}'")
+        for run in runs:
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "error", row["error"])
+                client.set_terminated(run.info.run_id, "FAILED")
+        if runs and not row["mlflow_run_id"]:
+            row["mlflow_run_id"] = runs[0].info.run_id
 
 
 def _export_best(row: dict[str, Any], output: Path) -> Path | None:
@@ -417,10 +486,6 @@ def _fmt(value: Any) -> str:
 def run_sweep(spec: SweepSpec, address: str | None = None, root: str | Path | None = None,
               verbose: int = 1) -> SweepResult:
     """Validate, start (or join) Ray, run the trials, write records, summary and the best model; see the module doc."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     from ..train.tracking import Tracker
 
     start = time.perf_counter()
@@ -434,10 +499,32 @@ def run_sweep(spec: SweepSpec, address: str | None = None, root: str | Path | No
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     uri = spec.tracking.uri if spec.tracking.uri else None
     parent = Tracker(output, uri, spec.tracking.experiment, spec.name, active=True, run_id=state.get("parent_run_id"))
+    try:
+        result = _run_trials(spec, address, root, output, base, first, parent, verbose, start)
+    except BaseException as err:
+        import mlflow
+
+        # the sweep's own run ends with it, not left RUNNING: interrupted (Ctrl-C) or failed, with the reason
+        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        parent.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    parent.finish()
+    return result
+
+
+def _run_trials(spec: SweepSpec, address: str | None, root: Path, output: Path, base: dict[str, Any],
+                first: FinetuneRecipe, parent, verbose: int, start: float) -> SweepResult:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    state_path = output / "sweep.json"
     parent.log_recipe(to_dict(spec))
     state_path.write_text(json.dumps({"parent_run_id": parent.run_id, "uri": parent.uri}, indent=1))
     records = _records(output)
     tracking = {"uri": parent.uri, "experiment": spec.tracking.experiment, "parent_run_id": parent.run_id}
+    attempt = uuid.uuid4().hex
+    callback = _callback(output, parent.uri)
     started = _start_ray(spec.ray, address)
     # Ray workers get this module's trial function by value: importing it by name would import the
     # lampretrain.finetune package (torch, the trainer) in every trial's worker, only to start a child process
@@ -446,7 +533,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, root: str | Path | No
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         trainable = tune.with_parameters(run_trial, base=base, root=str(root), output=str(output), records=records,
-                                         metric=spec.metric, tracking=tracking)
+                                         metric=spec.metric, tracking=tracking, attempt=attempt)
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
         scheduler = None
         if spec.scheduler.kind == "asha":
@@ -465,7 +552,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, root: str | Path | No
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(output / "tune"), verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[_callback(output, parent.uri)],
+                callbacks=[callback],
             ),
         )
         grid = tuner.fit()
@@ -476,7 +563,16 @@ def run_sweep(spec: SweepSpec, address: str | None = None, root: str | Path | No
 
             ray.shutdown()
     records = _records(output)
-    rows = [_row(grid[k], base, records, spec.metric, list(spec.space), output) for k in range(len(grid))]
+    rows, keys = [], []
+    for k in range(len(grid)):
+        trial_id = grid[k].metrics["trial_id"]  # Tune sets it in every trial's result, even an empty one
+        params = callback.params.get(trial_id)
+        if params is None:  # never started (the sweep was interrupted first): nothing to report; a re-run runs it
+            continue
+        rows.append(_row(params, callback.history.get(trial_id, []), grid[k].error, base, records, spec.metric,
+                         list(spec.space), output))
+        keys.append(trial_key(base, params))
+    _fail_runs(rows, keys, parent.uri, parent.run_id, attempt)
     done = [r for r in rows if r["status"] in ("completed", "cached") and r[spec.metric] is not None]
     sign = 1.0 if spec.mode == "min" else -1.0
     best = min(done, key=lambda r: sign * r[spec.metric]) if done else None
@@ -498,5 +594,4 @@ def run_sweep(spec: SweepSpec, address: str | None = None, root: str | Path | No
     import mlflow
 
     mlflow.log_artifact(str(summary))  # into the parent run, active in this process
-    parent.finish()
     return SweepResult(rows, best, summary, parent.run_id, parent.uri, wall)

@@ -170,6 +170,12 @@ def test_tampering_with_the_allowed_classes_is_undone_and_refused(run, tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="modifies the metadata classes"):
         ckpt.read_metadata(planted)
     assert Metadata.__eq__ is before
+    # the same on pathlib.PosixPath, a class of the whole process
+    body = _global("pathlib", "PosixPath") + b"N}" + _s("drive") + _global("torch", "float32") + b"s\x86b"
+    planted = _plant(run["checkpoint"], tmp_path / "tamper2", "tamper", _pickle(body))
+    with pytest.raises(ckpt.CheckpointError, match="modifies the metadata classes"):
+        ckpt.read_metadata(planted)
+    assert Path("/a").drive == ""
 
 
 def test_tensor_entries_outside_the_directory_are_refused(run, tmp_path):

@@ -55,6 +55,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the directory and the reason."""
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The path given as a checkpoint or run directory does not exist."""
+
+
 def _exact_globals() -> dict[tuple[str, str], Any]:
     """Every global a DCP ``.metadata`` pickle may name, as exact (module, name) → object pairs.
 
@@ -117,8 +121,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _classes_state() -> dict[type, dict[str, Any]]:
-    return {obj: dict(vars(obj)) for obj in _MetadataUnpickler.GLOBALS.values()
-            if isinstance(obj, type) and obj.__module__.startswith("torch.distributed.checkpoint")}
+    """The attributes of every allowed class (a pickle can BUILD on a class object as on an instance)."""
+    return {obj: dict(vars(obj)) for obj in _MetadataUnpickler.GLOBALS.values() if isinstance(obj, type)}
 
 
 def _restore_classes(before: dict[type, dict[str, Any]]) -> bool:
@@ -261,7 +265,7 @@ def resolve(path: str | Path, hashes: bool = True) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+        raise CheckpointNotFound(f"{path}: no such checkpoint or run directory")
     if path.is_file() or (path / MARKER).exists():
         return path
     if (path / ".metadata").exists():

@@ -152,6 +152,11 @@ class ObjectiveSection:
         return ObjectiveConfig.from_dict({**data, **self.options})
 
     def check(self) -> None:
+        typed = {"energy_weight": "energy", "force_weight": "forces", "stress_weight": "stress",
+                 "magmom_weight": "magmoms"}
+        clash = [k for k in self.options if k in typed]
+        if clash:  # it would silently win over the typed weight
+            raise ConfigError(f"options.{clash[0]}: set objective.{typed[clash[0]]} instead")
         try:
             self.config()
         except (TypeError, ValueError) as err:

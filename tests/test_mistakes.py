@@ -32,6 +32,8 @@ MISTAKES = [
     ("checkpoint.every 0", ["pretrain", "{recipe}", "--set", "checkpoint.every=0"], "checkpoint.every: must be >= 1"),
     ("checkpoint.keep -1", ["pretrain", "{recipe}", "--set", "checkpoint.keep=-1"], "checkpoint.keep: must be >= 0"),
     ("ema_decay above 1", ["pretrain", "{recipe}", "--set", "train.ema_decay=1.5"], "ema_decay: must lie in (0, 1)"),
+    ("loss weight given twice", ["pretrain", "{recipe}", "--set", "objective.options.energy_weight=3"],
+     "objective.options.energy_weight: set objective.energy instead"),
     ("zero budget", ["pretrain", "{recipe}", "--set", "data.budget=0"], "data.budget: must be > 0"),
     ("warmup factor above 1", ["pretrain", "{recipe}", "--set", "schedule.warmup_start_factor=2"],
      "warmup_start_factor: must lie in [0, 1]"),

@@ -3,15 +3,16 @@
 The base recipe fine-tunes a tiny demo-pretrained MatRIS on the real FeO PBE+U relaxation (a new
 head copied from the PBE+U one). The search space is a grid over the learning rate that forces
 every outcome: two sane rates run to the end, a huge one (50) diverges and must be stopped by
-ASHA once the sane ones have reported, and a negative one raises in the optimizer (a failed trial).
+ASHA once the sane ones have reported, and one (2e-3) has its process SIGKILLed by the test as
+it starts (a failed trial).
 The sweep runs once, through the command line, on a head and a worker node that the test starts
 on 127.0.0.1 with token authentication; the re-run (no ``--address``: a local Ray) must replay
-every finished trial from its record instead of training it again.
+every finished trial from its record instead of training it again, and run the failed one again.
 
 Faults: trials of one sweep are SIGKILLed from outside, as the OOM killer does: one trial's fine-tuning process
 once it has reported, one trial's Ray worker once it has reported and another's before it has; each must be a
-``failed`` row with its one-line reason and a ``FAILED`` MLflow child run, while the sane trial completes. And the
-shipped ``recipes/sweep-demo.yaml`` runs (shortened) against a tiny checkpoint laid out as ``make demo`` leaves it.
+``failed`` row with its one-line reason and a ``FAILED`` MLflow child run, while the sane trial completes; a trial
+that raises (its new head copied from a head the checkpoint lacks) likewise. And the shipped ``recipes/sweep-demo.yaml`` runs (shortened) against a tiny checkpoint laid out as ``make demo`` leaves it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from finetune_support import FEO, REAL, REPO, make_store, oxides_slice, tiny_rec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LRS = [3e-3, 1e-3, 50.0, -1.0]
+LRS = [3e-3, 1e-3, 50.0, 2e-3]
+KILLED = 2e-3
+DIED = "trial process died (killed by signal 9 SIGKILL; out of memory?)"  # the summary's reasons
+WORKER_DIED = "the trial's Ray worker process died (killed by a signal, out of memory, or its node was lost)"
 SWEEP = {
     "name": "t", "recipe": "ft.yaml", "output": "sweep",
     "space": {"optim.lr": {"grid": LRS}},
@@ -138,6 +142,12 @@ def loopback_cluster(env: dict[str, str]) -> Iterator[str]:
         assert not _processes_under(temp), "Ray processes of the test cluster outlived it"
 
 
+def sweep_env() -> dict[str, str]:
+    """The command's environment: one thread per trial (2 shared cores), this checkout importable in Ray workers."""
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def lampretrain_sweep(root: Path, env: dict[str, str], *args: str, sweep: str = "sweep.yaml") -> str:
     run = subprocess.run([sys.executable, "-m", "lampretrain.cli", "sweep", sweep, "--quiet", *args],
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -158,53 +168,6 @@ def child_runs(output: Path) -> tuple[str, list]:
     experiment = client.get_experiment_by_name("lampretrain-sweep")
     runs = client.search_runs([experiment.experiment_id])
     return state["parent_run_id"], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
-
-
-def test_sweep_on_a_two_node_loopback_cluster_then_resumed_on_a_local_ray(base, tmp_path):
-    root, output = base["root"], base["root"] / "sweep"
-    token = tmp_path / "token"
-    token.write_text(secrets.token_hex(32))
-    # every node and the driver share the mode and the token (Ray's token authentication), never ~/.ray/auth_token
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with loopback_cluster(env) as address:
-        printed = lampretrain_sweep(root, env, "--address", address)
-    rows = summary(output)
-    assert set(rows) == set(LRS), printed
-    assert rows[50.0]["status"] == "stopped early" and int(rows[50.0]["reports"]) < 3, printed  # ASHA at rung 1
-    assert rows[-1.0]["status"] == "failed" and "Invalid learning rate" in rows[-1.0]["error"], printed
-    # ASHA may also stop the second sane trial at rung 1 when the first one reported a lower error there
-    assert any(rows[lr]["status"] == "completed" and int(rows[lr]["reports"]) == 3 for lr in (3e-3, 1e-3)), printed
-    trained = [r for r in rows.values() if r["status"] != "failed"]
-    assert len({r["node_id"] for r in trained}) == 2  # one CPU per node, two trials at once: both nodes trained
-    best = json.loads((output / "best" / "trial.json").read_text())
-    assert best["optim.lr"] in (3e-3, 1e-3) and (output / "best" / "checkpoint" / "meta.json").exists()
-    from lampretrain.models.multitask import MultiTaskModel
-
-    assert MultiTaskModel.load(output / "best" / "model.pt").dataset_names[-1] == "feo"
-
-    parent, children = child_runs(output)
-    # the failed trial too: its run exists from the trial's start, and ends FAILED with the optimizer's error
-    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows.values()}
-    status = {c.info.run_id: c.info.status for c in children}
-    assert status[rows[50.0]["mlflow_run_id"]] == "KILLED" and status[rows[-1.0]["mlflow_run_id"]] == "FAILED"
-    logs = {p: p.stat().st_mtime_ns for p in (output / "trials").glob("*/trial.log")}
-    assert len(logs) == 4
-
-    # the re-run on a local Ray replays the finished trials: no training, no new child run; the failed trial runs
-    # (and fails) again. A process of its own: Ray reads RAY_AUTH_MODE once per process, at import
-    lampretrain_sweep(root, env)
-    again = summary(output)
-    for lr in (3e-3, 1e-3, 50.0):
-        assert again[lr]["status"].startswith("cached") and again[lr]["mlflow_run_id"] == rows[lr]["mlflow_run_id"]
-    assert again[50.0]["status"] == "cached (stopped early)" and again[-1.0]["status"] == "failed"
-    changed = {p for p, t in logs.items() if p.stat().st_mtime_ns != t}
-    assert changed == {Path(rows[-1.0]["trial_dir"]) / "trial.log"}
-    again_parent, again_children = child_runs(output)
-    # one new child run: the failed trial's second attempt, FAILED again
-    again_status = {c.info.run_id: c.info.status for c in again_children}
-    assert again_parent == parent and again_status.keys() - status.keys() == {again[-1.0]["mlflow_run_id"]}
-    assert again_status[again[-1.0]["mlflow_run_id"]] == "FAILED"
 
 
 def _trial_processes(output: Path) -> dict[str, tuple[int, int]]:
@@ -235,6 +198,14 @@ class Killer(threading.Thread):
         super().__init__(daemon=True)
         self.output, self.plan, self.killed, self.done = output, plan, {}, threading.Event()
 
+    def __enter__(self) -> Killer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+
     def run(self):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -263,6 +234,55 @@ class Killer(threading.Thread):
                     self.killed[lr] = (key, victim, pid)
 
 
+def test_sweep_on_a_two_node_loopback_cluster_then_resumed_on_a_local_ray(base, tmp_path):
+    root, output = base["root"], base["root"] / "sweep"
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    # every node and the driver share the mode and the token (Ray's token authentication), never ~/.ray/auth_token
+    env = {**sweep_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    killer = Killer(output, {KILLED: ("trial", "started")})
+    with killer, loopback_cluster(env) as address:
+        printed = lampretrain_sweep(root, env, "--address", address)
+    assert set(killer.killed) == {KILLED}, printed
+    rows = summary(output)
+    assert set(rows) == set(LRS), printed
+    assert rows[50.0]["status"] == "stopped early" and int(rows[50.0]["reports"]) < 3, printed  # ASHA at rung 1
+    assert rows[KILLED]["status"] == "failed" and rows[KILLED]["error"].startswith(DIED + " (log: "), printed
+    # ASHA may also stop the second sane trial at rung 1 when the first one reported a lower error there
+    assert any(rows[lr]["status"] == "completed" and int(rows[lr]["reports"]) == 3 for lr in (3e-3, 1e-3)), printed
+    trained = [r for r in rows.values() if r["status"] != "failed"]
+    assert len({r["node_id"] for r in trained}) == 2  # one CPU per node, two trials at once: both nodes trained
+    best = json.loads((output / "best" / "trial.json").read_text())
+    assert best["optim.lr"] in (3e-3, 1e-3) and (output / "best" / "checkpoint" / "meta.json").exists()
+    from lampretrain.models.multitask import MultiTaskModel
+
+    assert MultiTaskModel.load(output / "best" / "model.pt").dataset_names[-1] == "feo"
+
+    parent, children = child_runs(output)
+    # the failed trial too: its run exists from the trial's start, and ends FAILED
+    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in rows.values()}
+    status = {c.info.run_id: c.info.status for c in children}
+    assert status[rows[50.0]["mlflow_run_id"]] == "KILLED" and status[rows[KILLED]["mlflow_run_id"]] == "FAILED"
+    logs = {p: p.stat().st_mtime_ns for p in (output / "trials").glob("*/trial.log")}
+    assert len(logs) == 4
+
+    # the re-run on a local Ray replays the finished trials: no training, no new child run; the failed trial runs
+    # again, unharmed this time. A process of its own: Ray reads RAY_AUTH_MODE once per process, at import
+    lampretrain_sweep(root, env)
+    again = summary(output)
+    for lr in (3e-3, 1e-3, 50.0):
+        assert again[lr]["status"].startswith("cached") and again[lr]["mlflow_run_id"] == rows[lr]["mlflow_run_id"]
+    # ASHA may stop it at rung 1 against the replayed reports of the others
+    assert again[50.0]["status"] == "cached (stopped early)" and again[KILLED]["status"] in ("completed", "stopped early")
+    changed = {p for p, t in logs.items() if p.stat().st_mtime_ns != t}
+    assert changed == {Path(rows[KILLED]["trial_dir"]) / "trial.log"}
+    again_parent, again_children = child_runs(output)
+    # one new child run: the failed trial's second attempt, ended as its trial did
+    again_status = {c.info.run_id: c.info.status for c in again_children}
+    assert again_parent == parent and again_status.keys() - status.keys() == {again[KILLED]["mlflow_run_id"]}
+    assert again_status[again[KILLED]["mlflow_run_id"]] in ("FINISHED", "KILLED")
+
+
 def test_killed_trials_and_workers_are_failed_rows_and_failed_runs(base):
     """The OOM killer's SIGKILL of a trial's process or of its Ray worker, before or after it reported: each such trial
     is a ``failed`` row with a one-line reason and a FAILED MLflow run with it; the sane trial completes, the parent
@@ -274,22 +294,15 @@ def test_killed_trials_and_workers_are_failed_rows_and_failed_runs(base):
         **SWEEP, "output": "faults", "checkpoint": base["checkpoint"], "space": {"optim.lr": {"grid": lrs}},
         "set": ["train.steps=16", "checkpoint.every=16"],  # long enough that a trial outlives its first report
         "scheduler": {"kind": "none"}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    killer = Killer(output, plan)
-    killer.start()
-    try:
+    env = sweep_env()
+    with Killer(output, plan) as killer:
         printed = lampretrain_sweep(root, env, sweep="faults.yaml")
-    finally:
-        killer.done.set()
-        killer.join()
     assert set(killer.killed) == set(plan), printed
     rows = summary(output)
     assert set(rows) == set(lrs), printed
     assert rows[1e-3]["status"] == "completed" and float(rows[1e-3]["val_mae"]) > 0, printed
-    assert rows[2e-3]["error"].startswith("trial process died (killed by signal 9 SIGKILL; out of memory?) (log: ")
-    worker_died = "the trial's Ray worker process died (killed by a signal, out of memory, or its node was lost)"
-    assert rows[3e-3]["error"] == worker_died and rows[4e-3]["error"] == worker_died, printed
+    assert rows[2e-3]["error"].startswith(DIED + " (log: "), printed
+    assert rows[3e-3]["error"] == WORKER_DIED and rows[4e-3]["error"] == WORKER_DIED, printed
     assert int(rows[3e-3]["reports"]) >= 1 and rows[3e-3]["val_mae"] and int(rows[4e-3]["reports"]) == 0
     for lr in plan:
         assert rows[lr]["status"] == "failed" and rows[lr]["trial"] == killer.killed[lr][0][:8], printed
@@ -308,6 +321,34 @@ def test_killed_trials_and_workers_are_failed_rows_and_failed_runs(base):
         run = runs[rows[lr]["mlflow_run_id"]]
         assert run.info.status == "FAILED" and run.data.tags["error"] == rows[lr]["error"], lr
         assert run.data.tags["lampretrain.trial_key"] == killer.killed[lr][0]
+
+
+def test_a_trial_that_raises_is_a_failed_row_and_a_failed_run(base):
+    """A genuine error inside a trial's process (a new head copied from a head the checkpoint lacks: the recipe
+    validates, the model refuses): a ``failed`` row with the error's last line, its MLflow run (created before the
+    error) FAILED with the error; the other trial completes and the parent run finishes."""
+    root, output = base["root"], base["root"] / "raises"
+    (root / "raises.yaml").write_text(yaml.safe_dump({
+        **SWEEP, "output": "raises", "checkpoint": base["checkpoint"], "set": ["train.steps=2"],
+        "space": {"finetune.init_from": {"grid": ["mp_pbeu", "no_such_head"]}}, "scheduler": {"kind": "none"}}))
+    env = sweep_env()
+    printed = lampretrain_sweep(root, env, sweep="raises.yaml")
+    with open(output / "summary.csv") as fh:
+        rows = {r["finetune.init_from"]: r for r in csv.DictReader(fh)}
+    assert rows["mp_pbeu"]["status"] == "completed", printed
+    bad = rows["no_such_head"]
+    assert bad["status"] == "failed" and "unknown dataset 'no_such_head'" in bad["error"], printed
+    assert "Traceback" not in bad["error"] and bad["error"].endswith(f"(log: {bad['trial_dir']}/trial.log)")
+
+    from mlflow.tracking import MlflowClient
+
+    parent, children = child_runs(output)
+    client = MlflowClient(json.loads((output / "sweep.json").read_text())["uri"])
+    assert client.get_run(parent).info.status == "FINISHED"
+    runs = {c.info.run_id: c for c in children}
+    assert runs[rows["mp_pbeu"]["mlflow_run_id"]].info.status == "FINISHED"
+    failed = runs[bad["mlflow_run_id"]]
+    assert failed.info.status == "FAILED" and "unknown dataset 'no_such_head'" in failed.data.tags["error"]
 
 
 @pytest.fixture(scope="module")
@@ -341,8 +382,7 @@ def test_the_shipped_sweep_runs_against_the_demo_layout(demo_layout):
     shipped["set"] += ["train.steps=2", "train.log_every=1", "checkpoint.every=2"]
     shipped.update(num_samples=1, ray={"num_cpus": 2})
     (demo_layout / "sweep-demo.yaml").write_text(yaml.safe_dump(shipped))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = sweep_env()
     printed = lampretrain_sweep(demo_layout, env, sweep="sweep-demo.yaml")
     with open(demo_layout / "outputs" / "sweep-demo" / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))

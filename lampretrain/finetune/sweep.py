@@ -290,7 +290,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], root: str, output: s
         raise TrialError(f"{_died(code)} (log: {log_path})")
     if code != 0:
         lines = [x for x in log_path.read_text().splitlines() if x.strip()]
-        raise TrialError(f"{lines[-1] if lines else f'exit code {code}'} (log: {log_path})")
+        raise TrialError(f"{lines[-1][:300] if lines else f'exit code {code}'} (log: {log_path})")
 
 
 def _records(output: Path) -> dict[str, dict]:
@@ -388,18 +388,16 @@ def _reason(error: BaseException) -> str:
     from ray.exceptions import OutOfMemoryError, RayActorError
 
     cause = getattr(error, "cause", None) or error
-    if isinstance(cause, TrialError):
-        text = str(cause)
-    elif isinstance(cause, OutOfMemoryError):
-        text = "the trial's Ray worker was killed by Ray's memory monitor (out of memory)"
-    elif isinstance(cause, RayActorError):
+    if isinstance(cause, TrialError):  # one line already, its log's path at the end
+        return str(cause)
+    if isinstance(cause, OutOfMemoryError):
+        return "the trial's Ray worker was killed by Ray's memory monitor (out of memory)"
+    if isinstance(cause, RayActorError):
         # the worker's own death (a signal, the OOM killer, its node gone); the trial process dies with it
         why = "its node was preempted" if cause.preempted else "killed by a signal, out of memory, or its node was lost"
-        text = f"the trial's Ray worker process died ({why})"
-    else:
-        text = f"{type(cause).__name__}: {cause}"
-    lines = [x for x in text.splitlines() if x.strip()]
-    return lines[0][:300] if lines else type(cause).__name__
+        return f"the trial's Ray worker process died ({why})"
+    lines = [x for x in f"{type(cause).__name__}: {cause}".splitlines() if x.strip()]  # Ray's errors run to many lines
+    return lines[0][:300]
 
 
 def _row(params: dict[str, Any], history: list[dict], error: BaseException | None, base: dict[str, Any],

@@ -49,6 +49,12 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
 
 
+def override(base: T, overrides: dict[str, Any], where: str = "") -> T:
+    """A copy of dataclass instance ``base`` with ``overrides``, validated as :func:`from_dict` validates."""
+    current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    return from_dict(type(base), {**current, **overrides}, where or type(base).__name__)
+
+
 def _key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
@@ -114,7 +120,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{_at(where)}expected a list, got {value!r}")
         (item,) = get_args(tp)[:1] or (Any,)
-        return [_convert(item, v, f"{where}[{k}]") for k, v in enumerate(value)]
+        items = [_convert(item, v, f"{where}[{k}]") for k, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{_at(where)}expected a mapping, got {value!r}")
@@ -157,16 +164,16 @@ def _convert_dataclass(cls: type, value: Any, where: str) -> Any:
             kwargs[name] = _convert(hints[name], value[name], _key(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_at(where)}missing required key '{name}'")
-    obj = cls(**kwargs)
-    check = getattr(obj, "check", None)
-    if callable(check):
-        try:
+    try:
+        obj = cls(**kwargs)
+        check = getattr(obj, "check", None)
+        if callable(check):
             check()
-        except ConfigError as err:
-            # "every: must be >= 1" raised by the checkpoint section reads "checkpoint.every: must be >= 1"
-            message = str(err)
-            keyed = re.match(r"[A-Za-z_][\w.]*: ", message) and where
-            raise ConfigError(f"{where}.{message}" if keyed else f"{_at(where)}{message}") from None
+    except (ConfigError, ValueError) as err:  # a range check in __post_init__ or check()
+        # "every: must be >= 1" raised by the checkpoint section reads "checkpoint.every: must be >= 1"
+        message = str(err)
+        keyed = re.match(r"[A-Za-z_][\w.]*: ", message) and where
+        raise ConfigError(f"{where}.{message}" if keyed else f"{_at(where)}{message}") from None
     return obj
 
 

@@ -82,7 +82,7 @@ def test_parameter_count_of_released_sizes():
 
 
 def test_unknown_override_names_key_and_allowed_options():
-    with pytest.raises(ValueError, match="unknown MatRIS option 'width'.*num_layers"):
+    with pytest.raises(ValueError, match="unknown key 'width'; allowed keys: num_layers"):
         models.build("matris-10m", width=64)
     with pytest.raises(ValueError, match="norm.*allowed: layer, rms"):
         MatRISConfig(norm="batch")

@@ -15,12 +15,12 @@ checkpoint can be evaluated on any of its datasets by name.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Mapping
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, from_dict
 from ..graph.batch import GraphBatch, edge_vectors
 from ..model_files import read_model_file
 from . import build
@@ -42,14 +42,6 @@ from .layers.mlp import MLP
 from .layers.scatter import scatter_sum
 
 FORCE_MODES = ("conservative", "direct")
-OUTPUT_SCALES = ("force_rms", "none")
-
-
-def _check_keys(cls, data: Mapping[str, Any], where: str) -> None:
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
 @dataclass
@@ -76,12 +68,10 @@ class DatasetSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DatasetSpec":
-        _check_keys(cls, data, f"dataset '{data.get('name', '?')}'")
-        if "name" not in data:
-            raise ValueError("dataset entry without 'name'")
+        """From :meth:`to_dict`'s plain data (JSON keys Z as strings), by the one config validator."""
         out = dict(data)
-        out["element_references"] = {int(z): float(v) for z, v in (data.get("element_references") or {}).items()}
-        return cls(**out)
+        out["element_references"] = {int(z): v for z, v in (data.get("element_references") or {}).items()}
+        return from_dict(cls, out, f"dataset '{data.get('name', '?')}'")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -93,29 +83,18 @@ class DatasetSpec:
 class HeadsConfig:
     per_dataset: bool = True  # one energy head per dataset; False: one shared head (references stay per dataset)
     hidden: tuple[int, ...] = (128, 128)
-    output_scale: str = "force_rms"  # per-dataset head output × force RMS (see EnergyHeads), or "none"
+    output_scale: Literal["force_rms", "none"] = "force_rms"  # per-dataset head output × force RMS (EnergyHeads)
     trainable_references: bool = False
-    force_mode: str = "conservative"  # "direct": forces from a vector head (first pretraining stage)
+    force_mode: Literal["conservative", "direct"] = "conservative"  # "direct": forces from a vector head
     direct_force_head: bool = False  # build the direct-force head even when starting conservative
     magmoms: bool = False
     vector_hidden: int = 64
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
 
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if self.output_scale not in OUTPUT_SCALES:
-            raise ValueError(f"heads.output_scale: '{self.output_scale}' not one of {', '.join(OUTPUT_SCALES)}")
-        if self.force_mode not in FORCE_MODES:
-            raise ValueError(f"heads.force_mode: '{self.force_mode}' not one of {', '.join(FORCE_MODES)}")
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HeadsConfig":
-        _check_keys(cls, data, "heads")
-        out = dict(data)
-        if isinstance(out.get("denoising"), Mapping):
-            _check_keys(DenoisingConfig, out["denoising"], "heads.denoising")
-            out["denoising"] = DenoisingConfig(**out["denoising"])
-        return cls(**out)
+        """Validated by the one config validator (keys, types, choices, ranges)."""
+        return from_dict(cls, dict(data), "heads")
 
 
 @dataclass
@@ -134,13 +113,10 @@ class MultiTaskConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "MultiTaskConfig":
-        _check_keys(cls, data, "model")
-        return cls(
-            backbone=data["backbone"],
-            datasets=[d if isinstance(d, DatasetSpec) else DatasetSpec.from_dict(d) for d in data["datasets"]],
-            heads=HeadsConfig.from_dict(data.get("heads") or {}),
-            backbone_options=dict(data.get("backbone_options") or {}),
-        )
+        """From :meth:`to_dict`'s plain data (a checkpoint's ``meta.json``), by the one config validator."""
+        out = dict(data)
+        out["datasets"] = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_dict(d) for d in data.get("datasets", [])]
+        return from_dict(cls, out, "model")
 
     def to_dict(self) -> dict[str, Any]:
         heads = asdict(self.heads)

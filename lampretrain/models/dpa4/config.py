@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
+
+from ...config import override
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,17 @@ class DPA4Config:
     focus_temperature: float = 1.0
     focus_smoothing: float = 0.02
 
+    def __post_init__(self) -> None:
+        for key in ("n_blocks", "so2_layers", "n_focus", "rank"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.edge_chunk < 0:
+            raise ValueError(f"edge_chunk: must be >= 0 (0: no chunking), got {self.edge_chunk}")
+        if self.edge_memory_mb < 0:
+            raise ValueError(f"edge_memory_mb: must be >= 0 (0: recompute every chunk), got {self.edge_memory_mb}")
+        if not 1 <= self.mmax <= self.lmax:
+            raise ValueError(f"mmax: needs 1 <= mmax <= lmax, got mmax={self.mmax}, lmax={self.lmax}")
+
     @property
     def focus_channels(self) -> int:
         return self.focus_dim or self.channels
@@ -57,18 +70,5 @@ SIZES = {
 
 
 def configure(base: DPA4Config, **overrides) -> DPA4Config:
-    """``base`` with keyword overrides; an unknown key is an error naming the allowed ones."""
-    allowed = [f.name for f in fields(DPA4Config)]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown DPA4 option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    cfg = replace(base, **overrides)
-    if cfg.so2_layers < 1 or cfg.n_blocks < 1 or cfg.n_focus < 1 or cfg.rank < 1:
-        raise ValueError("DPA4 needs n_blocks, so2_layers, n_focus and rank ≥ 1")
-    if cfg.edge_chunk < 0:
-        raise ValueError(f"DPA4 needs edge_chunk ≥ 0 (0: no chunking), got {cfg.edge_chunk}")
-    if cfg.edge_memory_mb < 0:
-        raise ValueError(f"DPA4 needs edge_memory_mb ≥ 0 (0: recompute every chunk), got {cfg.edge_memory_mb}")
-    if not 1 <= cfg.mmax <= cfg.lmax:
-        raise ValueError(f"DPA4 needs 1 ≤ mmax ≤ lmax, got mmax={cfg.mmax}, lmax={cfg.lmax}")
-    return cfg
+    """``base`` with keyword overrides, validated by the one config validator (key, type, range)."""
+    return override(base, overrides, "DPA4")

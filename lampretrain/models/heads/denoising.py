@@ -32,9 +32,9 @@ class DenoisingConfig:
         for key in ("prob", "corrupt_ratio"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"heads.denoising.{key} must lie in [0, 1], got {value}")
-        if self.std <= 0:
-            raise ValueError(f"heads.denoising.std must be > 0 Å, got {self.std}")
+                raise ValueError(f"{key}: must lie in [0, 1], got {value}")
+        if not self.std > 0:
+            raise ValueError(f"std: must be > 0 Å, got {self.std}")
 
 
 @dataclass

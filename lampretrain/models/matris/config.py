@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
+from ...config import override
 from ..layers.norms import NORMS
 
 
@@ -33,23 +34,15 @@ class MatRISConfig:
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
-            raise ValueError(f"MatRISConfig.norm: unknown norm '{self.norm}'; allowed: {', '.join(NORMS)}")
+            raise ValueError(f"norm: unknown norm '{self.norm}'; allowed: {', '.join(NORMS)}")
         if self.num_angular % 2 != 1:
-            raise ValueError(f"MatRISConfig.num_angular must be odd (1 + 2K Fourier terms), got {self.num_angular}")
+            raise ValueError(f"num_angular: must be odd (1 + 2K Fourier terms), got {self.num_angular}")
         if self.three_body_cutoff > self.cutoff:
-            raise ValueError(
-                f"MatRISConfig.three_body_cutoff ({self.three_body_cutoff}) exceeds cutoff ({self.cutoff})"
-            )
+            raise ValueError(f"three_body_cutoff: {self.three_body_cutoff} exceeds cutoff {self.cutoff}")
 
     def with_overrides(self, **overrides) -> "MatRISConfig":
-        """A copy with the given fields changed; an unknown key is an error naming the allowed ones."""
-        allowed = [f.name for f in fields(self)]
-        for key in overrides:
-            if key not in allowed:
-                raise ValueError(f"unknown MatRIS option '{key}'; allowed: {', '.join(allowed)}")
-        if "readout_hidden" in overrides:
-            overrides["readout_hidden"] = tuple(overrides["readout_hidden"])
-        return replace(self, **overrides)
+        """A copy with the given fields changed, validated by the one config validator (key, type, range)."""
+        return override(self, overrides, "MatRIS")
 
 
 MATRIS_10M = MatRISConfig()

@@ -38,21 +38,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass ``cls`` from plain data, validating keys, types and choices.
+def from_dict(cls: type[T], data: Any, where: str = "", at: str = "") -> T:
+    """Build dataclass ``cls`` from plain data, validating keys, types, choices and ranges.
 
-    Errors read ``WHERE: key.path: what is wrong`` (``WHERE`` is usually the file).
+    Errors read ``WHERE: key.path: what is wrong``: ``WHERE`` is usually the file, ``at`` the key path of
+    ``data`` inside a larger schema (``heads`` → ``heads.denoising.prob: ...``). With neither, the class
+    name stands for ``WHERE``.
     """
     try:
-        return _convert(cls, data, "")
+        return _convert(cls, data, at)
     except ConfigError as err:
+        if at and not where:
+            raise
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
 
 
-def override(base: T, overrides: dict[str, Any], where: str = "") -> T:
+def override(base: T, overrides: dict[str, Any], at: str = "") -> T:
     """A copy of dataclass instance ``base`` with ``overrides``, validated as :func:`from_dict` validates."""
     current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-    return from_dict(type(base), {**current, **overrides}, where or type(base).__name__)
+    return from_dict(type(base), {**current, **overrides}, at=at)
 
 
 def _key(where: str, name: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, override, to_dict
 
 
 @dataclass
@@ -110,10 +110,7 @@ class ModelSection:
 
         if self.name not in available():
             raise ConfigError(f"name: unknown model '{self.name}'; available: {', '.join(available())}")
-        try:
-            configure(self.name, **self.options)  # the family's config schema, chosen by the name
-        except ConfigError as err:
-            raise ConfigError(f"options: {err}") from None
+        override(configure(self.name), self.options, at="options")  # the schema of the family the name picks
         HeadsConfig.from_dict(self.heads)
 
 
@@ -133,7 +130,7 @@ class ObjectiveSection:
 
         data = {"energy_weight": self.energy, "force_weight": self.forces, "stress_weight": self.stress}
         data["magmom_weight"] = self.magmoms
-        return from_dict(ObjectiveConfig, {**data, **self.options}, "options")
+        return from_dict(ObjectiveConfig, {**data, **self.options}, at="options")
 
     def check(self) -> None:
         typed = {"energy_weight": "energy", "force_weight": "forces", "stress_weight": "stress",

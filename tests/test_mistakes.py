@@ -41,7 +41,7 @@ MISTAKES = [
     ("unknown engine", ["pretrain", "{recipe}", "--set", "engine.name=horovod"], "engine.name: 'horovod' is not allowed"),
     ("unknown model", ["pretrain", "{recipe}", "--set", "model.name=matris-1b"], "unknown model 'matris-1b'"),
     ("model.options typo", ["pretrain", "{recipe}", "--set", "model.options.num_layerz=2"],
-     "model.options: MatRIS: unknown key 'num_layerz'; allowed keys: num_layers"),
+     "model.options: unknown key 'num_layerz'; allowed keys: num_layers"),
     ("store path missing", ["pretrain", "{recipe}", "--set", "data.store={tmp}/no_store"],
      "no_store: not a lampretrain store (no manifest.json)"),
     ("unknown dataset", ["pretrain", "{recipe}", "--set", "data.datasets=[mp_pbeu, water]"],

@@ -94,7 +94,7 @@ class HeadsConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HeadsConfig":
         """Validated by the one config validator (keys, types, choices, ranges)."""
-        return from_dict(cls, dict(data), "heads")
+        return from_dict(cls, dict(data), at="heads")
 
 
 @dataclass

@@ -71,4 +71,4 @@ SIZES = {
 
 def configure(base: DPA4Config, **overrides) -> DPA4Config:
     """``base`` with keyword overrides, validated by the one config validator (key, type, range)."""
-    return override(base, overrides, "DPA4")
+    return override(base, overrides)

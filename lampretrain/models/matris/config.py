@@ -16,6 +16,7 @@ class MatRISConfig:
     atom_dim: int = 128
     bond_dim: int = 128
     angle_dim: int = 128
+    # the released energy and magmom heads: build(name)'s default heads (multi-task recipes set model.heads)
     readout_hidden: tuple[int, ...] = (128, 256, 128)
     magmom_hidden: int = 256
     num_radial: int = 7
@@ -42,7 +43,7 @@ class MatRISConfig:
 
     def with_overrides(self, **overrides) -> "MatRISConfig":
         """A copy with the given fields changed, validated by the one config validator (key, type, range)."""
-        return override(self, overrides, "MatRIS")
+        return override(self, overrides)
 
 
 MATRIS_10M = MatRISConfig()

@@ -225,10 +225,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def run_name(base: dict[str, Any], key: str) -> str:
-    return f"{base.get('name', 'finetune')}-{key[:8]}"
-
-
 def _died(code: int) -> str:
     """The reason for a trial process that a signal ended (``code`` < 0, as Popen reports it)."""
     sig = signal.Signals(-code)
@@ -258,7 +254,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], root: str, output: s
     trial_dir.mkdir(parents=True, exist_ok=True)
     data = with_params(base, params, Path(root))
     data["output"] = str(trial_dir)
-    data["name"] = run_name(base, key)
+    data["name"] = f"{data.get('name', 'finetune')}-{key[:8]}"
     data["tracking"] = {**tracking, "enabled": True, "run_name": data["name"]}
     tags = json.dumps({KEY_TAG: key, ATTEMPT_TAG: attempt})
     recipe_path = trial_dir / "trial.json"

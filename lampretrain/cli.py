@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from .bench import BENCHES
 from .config import ConfigError
 from .errors import EXIT_USAGE, UserError, one_line
 from .finetune.cli import add_parser as add_finetune_parser
@@ -31,17 +32,6 @@ from .launch.cli import add_parser as add_launch_parser
 from .launch.cli import run as run_launch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHES = {
-    "prep": "lampretrain.bench.prep",
-    "loader": "lampretrain.bench.loader",
-    "balance": "lampretrain.bench.balance",
-    "model": "lampretrain.bench.model_step",
-    "train": "lampretrain.bench.train",
-    "scaling": "lampretrain.bench.scaling",
-    "cost": "lampretrain.bench.cost_fit",
-    "all": "lampretrain.bench.suite",
-    "summary": "lampretrain.bench.summary",
-}
 
 
 def _prep(args: argparse.Namespace) -> int:

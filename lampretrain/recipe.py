@@ -211,6 +211,14 @@ class TrainSection:
             raise ConfigError(f"eval_every: must be >= 1 (or null for no validation), got {self.eval_every}")
 
 
+# why train/engines/deepspeed.py refuses ZeRO-2 with accumulation; the recipe says it before anything starts
+ZERO2_ACCUMULATION = (
+    "deepspeed ZeRO-2 with train.grad_accum {grad_accum}: deepspeed 0.17.6 keeps only the last micro-batch's "
+    "reduced gradient partition (see lampretrain/train/engines/deepspeed.py); use engine.zero_stage 1 or 3 "
+    "(or fsdp), or grad_accum 1 with a larger data.budget"
+)
+
+
 @dataclass
 class EngineSection:
     name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
@@ -260,8 +268,6 @@ class Recipe:
 
     def __post_init__(self):
         if self.engine.name == "deepspeed" and self.engine.zero_stage == 2 and self.train.grad_accum > 1:
-            from .train.engines.deepspeed import ZERO2_ACCUMULATION
-
             raise ConfigError("engine.zero_stage: " + ZERO2_ACCUMULATION.format(grad_accum=self.train.grad_accum))
         if self.train.refit_references and self.model.heads.get("trainable_references"):
             raise ConfigError("train.refit_references: the references are trainable (model.heads.trainable_references), "

@@ -1,0 +1,13 @@
+"""Benchmarks printing JSON lines (``lampretrain bench KIND``): the module of each kind."""
+
+BENCHES = {
+    "prep": "lampretrain.bench.prep",
+    "loader": "lampretrain.bench.loader",
+    "balance": "lampretrain.bench.balance",
+    "model": "lampretrain.bench.model_step",
+    "train": "lampretrain.bench.train",
+    "scaling": "lampretrain.bench.scaling",
+    "cost": "lampretrain.bench.cost_fit",
+    "all": "lampretrain.bench.suite",
+    "summary": "lampretrain.bench.summary",
+}

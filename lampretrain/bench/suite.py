@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from . import BENCHES
 from .common import REPO_ROOT, emit, reset_peak_rss, results_file
 
 OXIDES = REPO_ROOT / "tests" / "data" / "real" / "fairchem_oxides_asedb" / "oxides.db"
@@ -75,8 +76,6 @@ def plan(args: argparse.Namespace, files: dict[int, Path], store: Path) -> list[
 
 
 def run_one(kind: str, argv: list[str]) -> None:
-    from ..cli import BENCHES
-
     reset_peak_rss()
     importlib.import_module(BENCHES[kind]).main(argv)
 

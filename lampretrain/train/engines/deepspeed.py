@@ -7,7 +7,7 @@ that also run for that inner gradient and fail (IndexError in
 pyproject's ``deepspeed`` extra. The inner gradient asks only for ∂E/∂x,
 so ZeRO's per-parameter reduce hooks fire once, in the loss backward.
 
-ZeRO-2 with gradient accumulation is refused (:data:`ZERO2_ACCUMULATION`):
+ZeRO-2 with gradient accumulation is refused (:data:`lampretrain.recipe.ZERO2_ACCUMULATION`, also checked when a recipe is read):
 in 0.17.6 the stage-2 backward epilogue rebuilds its list of this rank's
 gradient partitions at every micro-step before the boundary instead of
 adding to it, so only the last micro-batch's gradient reaches the step
@@ -32,14 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ...recipe import ZERO2_ACCUMULATION
 from . import Engine, OptimizerFactory
-
-
-ZERO2_ACCUMULATION = (
-    "deepspeed ZeRO-2 with train.grad_accum {grad_accum}: deepspeed 0.17.6 keeps only the last micro-batch's "
-    "reduced gradient partition (see lampretrain/train/engines/deepspeed.py); use engine.zero_stage 1 or 3 "
-    "(or fsdp), or grad_accum 1 with a larger data.budget"
-)
 
 
 class DeepSpeedEngineAdapter(Engine):

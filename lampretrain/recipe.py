@@ -145,9 +145,10 @@ class ObjectiveSection:
 class OptimSection:
     name: Literal["adamw"] = "adamw"
     lr: float = 3e-4  # peak learning rate
-    weight_decay: float = 1e-2
+    weight_decay: float = 1e-2  # on weight matrices; biases and norm gains only with decay_vectors
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    decay_vectors: bool = False  # true: decay every parameter (lampretrain before 2026-12)
 
     def check(self) -> None:
         if not self.lr > 0:

@@ -54,3 +54,17 @@ def tiny_recipe(store: Path, output: Path, steps: int) -> dict:
     recipe["schedule"] = {"kind": "constant"}
     recipe["checkpoint"] = {"every": steps, "keep": 1}
     return recipe
+
+
+def tiny_run(root: Path, sources: list[dict], steps: int = 1) -> dict:
+    """A tiny MatRIS pretrained in-process on ``sources`` under ``root``: store, recipe (also as recipe.yaml, tracking
+    off), run directory and its final checkpoint."""
+    from lampretrain.recipe import parse_recipe
+    from lampretrain.train import pretrain
+
+    store = make_store(root / "store", sources)
+    recipe = tiny_recipe(store, root / "run", steps)
+    recipe["tracking"] = {"enabled": False}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    checkpoint = pretrain(parse_recipe(recipe)).checkpoint
+    return {"root": root, "store": store, "recipe": recipe, "run": root / "run", "checkpoint": checkpoint}

@@ -19,11 +19,9 @@ import pytest
 import torch
 import yaml
 
-from finetune_support import FEO, make_store, oxides_slice, tiny_recipe
+from finetune_support import FEO, oxides_slice, tiny_run
 from lampretrain import cli
-from lampretrain.recipe import parse_recipe
 from lampretrain.train import checkpoint as ckpt
-from lampretrain.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,12 +108,8 @@ def _plant(good: Path, where: Path, name: str, data: bytes, file: str = ".metada
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hostile")
-    store = make_store(root / "store", [{"path": str(FEO), "dataset": "mp_pbeu"},
-                                        {"path": str(oxides_slice(root, 8)), "dataset": "oxides_pbe"}])
-    recipe = tiny_recipe(store, root / "good", 2)
-    recipe["tracking"] = {"enabled": False}
-    result = pretrain(parse_recipe(recipe))
-    return {"root": root, "store": store, "checkpoint": result.checkpoint, "recipe": recipe}
+    return tiny_run(root, [{"path": str(FEO), "dataset": "mp_pbeu"},
+                           {"path": str(oxides_slice(root, 8)), "dataset": "oxides_pbe"}], steps=2)
 
 
 def test_payloads_are_live_under_a_plain_unpickler(tmp_path):

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import yaml
 
-from finetune_support import FEO, make_store, tiny_recipe
+from finetune_support import FEO, tiny_run
 from lampretrain import cli
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import checkpoint as ckpt
@@ -66,14 +66,10 @@ MISTAKES = [
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("mistakes")
-    store = make_store(root / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}])
-    recipe = tiny_recipe(store, root / "good", 1)
-    recipe["tracking"] = {"enabled": False}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    good = pretrain(parse_recipe(recipe)).checkpoint
+    run = tiny_run(tmp_path_factory.mktemp("mistakes"), [{"path": str(FEO), "dataset": "mp_pbeu"}])
+    root, store, recipe, good = run["root"], run["store"], run["recipe"], run["checkpoint"]
     corrupt_run = root / "corrupt_run"
-    shutil.copytree(root / "good", corrupt_run)
+    shutil.copytree(run["run"], corrupt_run)
     corrupt = next((corrupt_run / "checkpoints").glob("step-*"))
     shard = next(corrupt.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
@@ -129,7 +125,7 @@ def test_resume_fresh_keeps_the_broken_checkpoints_and_starts_at_step_0(world, t
 def test_a_step_directory_not_written_by_this_run_is_set_aside_not_replaced(world, tmp_path):
     """A fresh run (no --resume) over an old run directory reaches the old step: the old one is kept."""
     run = tmp_path / "run"
-    shutil.copytree(world["tmp"] / "good", run)
+    shutil.copytree(world["tmp"] / "run", run)
     old = next((run / "checkpoints").glob("step-*"))
     stamp = json.loads((old / ckpt.MARKER).read_text())
     recipe = dict(yaml.safe_load(world["recipe"].read_text()), output=str(run))

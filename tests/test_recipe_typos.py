@@ -13,7 +13,7 @@ from typing import get_args, get_type_hints
 import pytest
 import yaml
 
-from finetune_support import FEO, make_store, tiny_recipe
+from finetune_support import FEO, tiny_run
 from lampretrain import cli
 from lampretrain.finetune.recipe import FinetuneRecipe
 from lampretrain.finetune.sweep import SweepSpec
@@ -46,15 +46,8 @@ TYPED_DICTS = ["model.options", "model.heads", "model.heads.denoising", "objecti
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("typos")
-    store = make_store(root / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}])
-    recipe = tiny_recipe(store, root / "pre", 1)
-    recipe["tracking"] = {"enabled": False}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    from lampretrain.recipe import parse_recipe
-    from lampretrain.train import pretrain
-
-    ckpt = pretrain(parse_recipe(recipe)).checkpoint
+    run = tiny_run(tmp_path_factory.mktemp("typos"), [{"path": str(FEO), "dataset": "mp_pbeu"}])
+    root, store, recipe, ckpt = run["root"], run["store"], run["recipe"], run["checkpoint"]
     ft = {"name": "ft", "output": str(root / "ft"), "data": {"store": str(store)},
           "train": {"steps": 1, "progress": False}, "tracking": {"enabled": False}}
     (root / "ft.yaml").write_text(yaml.safe_dump(ft))

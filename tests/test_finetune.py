@@ -61,7 +61,7 @@ def ft_recipe(pre: dict, store: Path, name: str, steps: int, **finetune) -> dict
 
 def mae(model: MultiTaskModel, store: Path, data_name: str, head: str) -> float:
     batches = store_batches(str(store), {data_name: 0}, "train", 32)
-    return energy_errors(model, (model.for_dataset(b, head) for b in batches)).mae_per_atom
+    return energy_errors(model, (model.for_dataset(b, head) for b in batches)).energy_per_atom_mae
 
 
 def test_checkpoint_recipe_fills_missing_sections_and_needs_a_checkpoint(pretrained):

@@ -197,8 +197,9 @@ def test_evaluate_baseline_from_training_stats_and_mlflow_logging(tmp_path, caps
     assert expected > 1.0  # a real, non-zero baseline for one frame (the old set-mean baseline gave 0)
     assert float(rows["energy"]["baseline_mae"]) == pytest.approx(expected, rel=1e-9)
     logged = client.get_run(run_id).data.metrics
-    assert logged["eval/mptrj/energy_baseline_mae"] == pytest.approx(expected, rel=1e-9)
-    assert logged["eval/mptrj/forces_mae"] == pytest.approx(float(rows["forces"]["mae"]), rel=1e-9)
+    assert logged["eval/mptrj/baseline/energy_per_atom_mae"] == pytest.approx(expected, rel=1e-9)
+    assert logged["eval/mptrj/force_component_mae"] == pytest.approx(float(rows["forces"]["mae"]), rel=1e-9)
+    assert rows["forces"]["rmse_metric"] == "force_component_rmse"
     artifacts = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
     assert {"metrics.csv", "metrics.txt", "metrics.json", "parity_mptrj.png", "errors_mptrj.png"} <= artifacts
     table = json.loads(Path(client.download_artifacts(run_id, "evaluation/metrics.json", str(tmp_path / "dl"))).read_text())

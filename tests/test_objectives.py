@@ -43,9 +43,9 @@ def test_force_term_is_the_l2_norm_mae_per_dataset(batch):
     for k, name in enumerate(["mp_pbeu", "cho_mn15"]):
         rows = (batch.dataset[batch.batch] == k).numpy()
         expected = np.linalg.norm(diff[rows], axis=1).mean()
-        assert np.isclose(float(metrics[f"{name}/forces_mae"]), expected, rtol=1e-6)
+        assert np.isclose(float(metrics[f"{name}/force_norm_mae"]), expected, rtol=1e-6)
         e = ((out["energy"] - batch.energy).abs() / batch.n_atoms)[batch.dataset == k].mean()
-        assert np.isclose(float(metrics[f"{name}/energy_mae"]), float(e.detach()), rtol=1e-6)
+        assert np.isclose(float(metrics[f"{name}/energy_per_atom_mae"]), float(e.detach()), rtol=1e-6)
 
 
 def test_dataset_without_stress_labels_contributes_no_stress_loss(batch):
@@ -53,7 +53,7 @@ def test_dataset_without_stress_labels_contributes_no_stress_loss(batch):
     out = predictions(batch)
     loss, metrics = objective(out, batch)
     loss.backward()
-    assert float(metrics["cho_mn15/stress_count"]) == 0 and float(metrics["cho_mn15/stress_mae"]) == 0
+    assert float(metrics["cho_mn15/stress_count"]) == 0 and float(metrics["cho_mn15/stress_component_mae"]) == 0
     assert float(metrics["mp_pbeu/stress_count"]) == 1
     assert out["stress"].grad[1:].abs().max() == 0 and out["stress"].grad[0].abs().max() > 0
     # garbage in an unlabelled slot (the molecules' zero-filled stress) never reaches the loss
@@ -188,7 +188,7 @@ def test_final_weights_follow_the_learning_rate(batch):
         energy_weight = 5.0 + (0.5 - 5.0) * fraction
         assert float(metrics["cho_mn15/energy_weight"]) == pytest.approx(energy_weight)
         assert float(metrics["cho_mn15/forces_weight"]) == pytest.approx(10.0)
-        energy_terms = sum(float(metrics[f"{n}/energy_mae"]) for n in IDS)
+        energy_terms = sum(float(metrics[f"{n}/energy_per_atom_mae"]) for n in IDS)
         assert float(loss - at_peak) == pytest.approx((energy_weight - 0.5) * energy_terms, rel=1e-5)
     with pytest.raises(ValueError, match="final_weights.magmoms: the magmoms weight is 0"):
         ObjectiveConfig(magmom_weight=0.0, final_weights={"magmoms": 1.0})

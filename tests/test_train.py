@@ -139,7 +139,7 @@ def test_schedules():
 
 
 def test_metric_window_weights_counts_and_means():
-    """X_mae weighted by X_count over micro-batches, counts summed, other metrics averaged per micro-batch."""
+    """Error metrics weighted by their label's count over micro-batches, counts summed, other metrics averaged."""
     import torch.distributed as dist
 
     from lampretrain.train.trainer import MetricWindow
@@ -148,15 +148,19 @@ def test_metric_window_weights_counts_and_means():
     try:
         window = MetricWindow()
         t = torch.tensor
-        window.add({"loss": t(1.0), "a/forces_mae": t(0.5), "a/forces_count": t(3.0), "a/n_graphs": t(2)})
-        window.add({"loss": t(3.0), "a/forces_mae": t(0.9), "a/forces_count": t(1.0), "a/n_graphs": t(1)})
-        window.add({"loss": t(2.0), "a/forces_mae": t(7.0), "a/forces_count": t(0.0), "a/n_graphs": t(0)})
+        window.add({"loss": t(1.0), "a/force_norm_mae": t(0.5), "a/force_component_mae": t(0.2),
+                    "a/forces_count": t(3.0), "a/n_graphs": t(2)})
+        window.add({"loss": t(3.0), "a/force_norm_mae": t(0.9), "a/force_component_mae": t(0.6),
+                    "a/forces_count": t(1.0), "a/n_graphs": t(1)})
+        window.add({"loss": t(2.0), "a/force_norm_mae": t(7.0), "a/force_component_mae": t(7.0),
+                    "a/forces_count": t(0.0), "a/n_graphs": t(0)})
         window.add({"grad_norm": t(4.0)})
         window.add({"grad_norm": t(6.0)})
         out = window.reduce(1)
-        assert out == pytest.approx({"loss": 2.0, "a/forces_mae": (0.5 * 3 + 0.9) / 4, "a/forces_count": 4.0,
+        assert out == pytest.approx({"loss": 2.0, "a/force_norm_mae": (0.5 * 3 + 0.9) / 4,
+                                     "a/force_component_mae": (0.2 * 3 + 0.6) / 4, "a/forces_count": 4.0,
                                      "a/n_graphs": 3.0, "grad_norm": 5.0})
-        window.add({"b/energy_mae": t(1.0), "b/energy_count": t(0.0)})
+        window.add({"b/energy_per_atom_mae": t(1.0), "b/energy_count": t(0.0)})
         assert window.reduce(1) == {"b/energy_count": 0.0}  # no labelled value: no MAE, not 0 and not NaN
     finally:
         dist.destroy_process_group()
@@ -291,8 +295,8 @@ def test_trainer_refits_references_after_the_last_step(tmp_path):
     frames = store_batches(str(store), {"mp_pbeu": k}, cutoffs=graph_cutoffs(model), max_frames=6)
     errors = energy_errors(model, frames)
     assert errors.label.size == 6
-    assert errors.mae_per_atom == pytest.approx(logged["refit/mp_pbeu/energy_mae_after"], rel=1e-5)
-    assert logged["refit/mp_pbeu/energy_mae_after"] <= logged["refit/mp_pbeu/energy_mae_before"]
+    assert errors.energy_per_atom_mae == pytest.approx(logged["refit/mp_pbeu/energy_per_atom_mae_after"], rel=1e-5)
+    assert logged["refit/mp_pbeu/energy_per_atom_mae_after"] <= logged["refit/mp_pbeu/energy_per_atom_mae_before"]
 
 
 def test_matris_resume_equals_uninterrupted(tmp_path):
@@ -362,7 +366,8 @@ def test_single_process_run_logs_to_mlflow_and_sigterm_checkpoints(store, tmp_pa
     run_info = client.get_run(meta["mlflow_run_id"])
     assert run_info.data.params["optim.lr"] == "0.002"
     assert run_info.data.params["model.name"] == "dpa4-neo"
-    for key in ("loss", "atoms_per_s", "graphs_per_s", "imbalance_atoms", "spice/forces_mae", "mp_pbeu/stress_mae"):
+    for key in ("loss", "atoms_per_s", "graphs_per_s", "imbalance_atoms", "spice/force_norm_mae",
+                "spice/force_component_mae", "mp_pbeu/stress_component_mae"):
         assert key in run_info.data.metrics, key
     loss = [m.value for m in client.get_metric_history(run_info.info.run_id, "loss")]
     assert len(loss) >= 6 and all(map(math.isfinite, loss))  # learning itself: tests/test_engines.py (fixed batches)
@@ -480,3 +485,28 @@ def test_two_nodes_on_loopback_train_and_checkpoint(store, tmp_path):
 
 if __name__ == "__main__":
     resume_worker(*sys.argv[1:])
+
+
+def test_weight_decay_spares_biases_and_norm_gains():
+    """Matrices decay; vectors (biases, LayerNorm gains) do not, unless optim.decay_vectors (nanoGPT, MACE)."""
+    from lampretrain.train.trainer import _param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    params = list(model.parameters())
+    groups = _param_groups(model, params, {"2.weight": 0.5}, 0.1, decay_vectors=False)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert decay_of[id(p)] == (0.1 if p.ndim == 2 else 0.0), name
+        assert scale_of[id(p)] == (0.5 if name == "2.weight" else 1.0), name
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(map(id, params))
+    groups = _param_groups(model, params, {}, 0.1, decay_vectors=True)
+    assert [g["weight_decay"] for g in groups] == [0.1]
+    # and AdamW applies it so: a zero-gradient step shrinks only the matrices
+    opt = torch.optim.AdamW(_param_groups(model, params, {}, 0.1, False), lr=1.0)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for (name, p), b in zip(model.named_parameters(), before):
+        assert torch.equal(p, b) == (p.ndim < 2), name

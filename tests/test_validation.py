@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from lampretrain.train.validation import absolute_error_sums, maes
+from lampretrain.train.validation import error_sums, metrics
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "data" / "real"
@@ -46,7 +46,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def test_error_sums_by_hand():
-    """Σ|error| and counts per dataset: energy per atom, force and stress components, masks respected."""
+    """Σ per-sample error and labelled samples per dataset and metric, masks respected."""
     from lampretrain.graph.batch import GraphBatch
 
     n = torch.tensor([2, 1])
@@ -60,14 +60,16 @@ def test_error_sums_by_hand():
         stress_mask=torch.tensor([True, False]), magmoms=z(3), magmoms_mask=z(3, dtype=torch.bool),
     )
     out = {"energy": torch.tensor([3.0, 4.0]), "forces": torch.zeros(3, 3), "stress": torch.full((2, 3, 3), 0.5)}
-    sums = absolute_error_sums(out, batch, 2)
+    sums = error_sums(out, batch, 2)  # metrics: energy per atom, force component, force norm, stress component
     assert sums[1, 0].tolist() == [1.0, 1.0]  # |3 − 1| / 2 atoms, one structure
     assert sums[0, 0].tolist() == [1.0, 1.0]  # |4 − 5| / 1
-    assert sums[1, 1].tolist() == [3.0, 3.0] and sums[0, 1].tolist() == [3.0, 3.0]  # atom 1 is unlabelled
-    assert sums[1, 2].tolist() == [4.5, 9.0] and sums[0, 2].tolist() == [0.0, 0.0]
-    m = maes(sums, ["a", "b"])
-    assert m["val/b/stress_mae"] == 0.5 and "val/a/stress_mae" not in m
-    assert m["val/energy_mae"] == 1.0 and m["val/forces_mae"] == 1.0
+    assert sums[1, 1].tolist() == [1.0, 1.0] and sums[0, 1].tolist() == [1.0, 1.0]  # atom 1 is unlabelled
+    assert sums[1, 2].tolist() == pytest.approx([3**0.5, 1.0]) and sums[0, 2].tolist() == pytest.approx([3**0.5, 1.0])
+    assert sums[1, 3].tolist() == [0.5, 1.0] and sums[0, 3].tolist() == [0.0, 0.0]
+    m = metrics(sums, ["a", "b"])
+    assert m["val/b/stress_component_mae"] == 0.5 and "val/a/stress_component_mae" not in m
+    assert m["val/energy_per_atom_mae"] == 1.0 and m["val/force_component_mae"] == 1.0
+    assert m["val/force_norm_mae"] == pytest.approx(3**0.5)
 
 
 def direct_maes(checkpoint: Path, store: Path) -> dict[str, float]:
@@ -83,10 +85,12 @@ def direct_maes(checkpoint: Path, store: Path) -> dict[str, float]:
     preds = predict(load_model(checkpoint, weights="ema"), frames, dtype=torch.float64)
     out = {}
     for name, p in preds.items():
-        for quantity in ("energy", "forces", "stress"):
+        for quantity, metric in (("energy", "energy_per_atom"), ("forces", "force_component"), ("stress", "stress_component")):
             true, pred = p.arrays(quantity)
             if true.size:
-                out[f"val/{name}/{quantity}_mae"] = float(np.abs(pred - true).mean())
+                out[f"val/{name}/{metric}_mae"] = float(np.abs(pred - true).mean())
+        true, pred = p.arrays("forces")
+        out[f"val/{name}/force_norm_mae"] = float(np.linalg.norm((pred - true).reshape(-1, 3), axis=1).mean())
     return out
 
 
@@ -114,7 +118,7 @@ def test_two_rank_validation_matches_direct_evaluation(store, tmp_path, engine):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "step 2 validation MAE" in proc.stdout and "step 4 validation MAE" in proc.stdout
+    assert "step 2 validation: energy_per_atom_mae" in proc.stdout and "step 4 validation:" in proc.stdout
 
     import mlflow
 
@@ -124,13 +128,14 @@ def test_two_rank_validation_matches_direct_evaluation(store, tmp_path, engine):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     logged = client.get_run(ckpt.read_meta(last)["mlflow_run_id"]).data.metrics  # latest value: step 4
     expected = direct_maes(last, store)
-    assert {"val/mp_pbeu/stress_mae", "val/spice/forces_mae", "val/spice/energy_mae"} <= expected.keys()
-    assert "val/spice/stress_mae" not in expected  # molecules carry no stress label
+    assert {"val/mp_pbeu/stress_component_mae", "val/spice/force_component_mae", "val/spice/force_norm_mae",
+            "val/spice/energy_per_atom_mae"} <= expected.keys()
+    assert "val/spice/stress_component_mae" not in expected  # molecules carry no stress label
     for key, value in expected.items():
         # the trainer's float32 energy of a SPICE molecule (~1e4 eV) resolves ~1e-3 eV, 4e-5 eV/atom: once the
         # references are refit after the last step (the recipe's train.refit_references) that is 1e-4 of the MAE
-        tolerance = 2e-5 if key.endswith("energy_mae") else 0.0
+        tolerance = 2e-5 if key.endswith("energy_per_atom_mae") else 0.0
         assert logged[key] == pytest.approx(value, rel=2e-5, abs=tolerance), key
-    assert logged["refit/spice/energy_mae_after"] <= logged["refit/spice/energy_mae_before"]
-    history = client.get_metric_history(ckpt.read_meta(last)["mlflow_run_id"], "val/spice/forces_mae")
+    assert logged["refit/spice/energy_per_atom_mae_after"] <= logged["refit/spice/energy_per_atom_mae_before"]
+    history = client.get_metric_history(ckpt.read_meta(last)["mlflow_run_id"], "val/spice/force_component_mae")
     assert [m.step for m in history] == [2, 4]

@@ -28,6 +28,7 @@ from ..io import read_frames
 from ..models.heads import DenoisingConfig
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..objectives import MultiTaskObjective, ObjectiveConfig
+from ..objectives.metrics import energy_per_atom_mae, force_norm_mae
 from .common import emit, peak_rss_mb
 
 REAL = Path(__file__).resolve().parents[2] / "tests" / "data" / "real"
@@ -74,8 +75,9 @@ def evaluate(model: MultiTaskModel, batch, names) -> dict[str, float]:
     for k, name in enumerate(names):
         g = batch.dataset == k
         a = batch.dataset[batch.batch] == k
-        result[f"{name}/energy_mae_meV_atom"] = float(((out["energy"] - batch.energy).abs() / batch.n_atoms)[g].mean()) * 1e3
-        result[f"{name}/force_mae_meV_A"] = float((out["forces"] - batch.forces).norm(dim=-1)[a].mean()) * 1e3
+        energy = energy_per_atom_mae(out["energy"], batch.energy, g, batch.n_atoms)
+        result[f"{name}/energy_per_atom_mae_meV_atom"] = float(energy) * 1e3
+        result[f"{name}/force_norm_mae_meV_A"] = float(force_norm_mae(out["forces"], batch.forces, a)) * 1e3
     return result
 
 
@@ -89,9 +91,11 @@ def baseline(batch, specs, mean_residual: dict[str, float]) -> dict[str, float]:
         for z, v in spec.element_references.items():
             table[z] = v
         ref = torch.zeros(batch.num_graphs, dtype=torch.float64).index_add_(0, batch.batch, table[batch.numbers])
-        err = (batch.energy.double() - ref) / batch.n_atoms
-        result[f"{spec.name}/energy_mae_meV_atom"] = float((err[g] - mean_residual[spec.name]).abs().mean()) * 1e3
-        result[f"{spec.name}/force_mae_meV_A"] = float(batch.forces.norm(dim=-1)[a].mean()) * 1e3
+        base = ref + mean_residual[spec.name] * batch.n_atoms  # E_base = Σ ref + r̄·N
+        energy = energy_per_atom_mae(base, batch.energy.double(), g, batch.n_atoms)
+        forces = force_norm_mae(torch.zeros_like(batch.forces), batch.forces, a)
+        result[f"{spec.name}/energy_per_atom_mae_meV_atom"] = float(energy) * 1e3
+        result[f"{spec.name}/force_norm_mae_meV_A"] = float(forces) * 1e3
     return result
 
 

@@ -102,9 +102,9 @@ class FinetuneHooks(TrainHooks):
         batches = lambda: store_batches(  # noqa: E731
             recipe.data.store, {self.data_name: 0}, "train", recipe.data.max_natoms, cutoffs=graph_cutoffs(model)
         )
-        before = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).mae_per_atom
+        before = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).energy_per_atom_mae
         delta = change_bias(model, self.head, batches()) if ft.refit_references else {}
-        after = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).mae_per_atom
+        after = energy_errors(model, (model.for_dataset(b, self.head) for b in batches())).energy_per_atom_mae
         if ft.lora.rank:
             add_lora(model.backbone, ft.lora.rank, ft.lora.alpha)
         frozen = freeze(model, ft.freeze, ft.freeze_blocks)
@@ -153,7 +153,7 @@ class FinetuneHooks(TrainHooks):
         batches = store_batches(
             data.store, {self.data_name: 0}, self.eval_split, data.max_natoms, cutoffs=graph_cutoffs(self.model)
         )
-        mae = energy_errors(self.model, (self.model.for_dataset(b, self.head) for b in batches)).mae_per_atom
+        mae = energy_errors(self.model, (self.model.for_dataset(b, self.head) for b in batches)).energy_per_atom_mae
         return {f"{self.eval_split}_mae": mae}
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:

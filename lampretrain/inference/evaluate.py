@@ -1,7 +1,7 @@
 """Accuracy of a trained model on labelled frames: per-dataset MAE/RMSE next to a mean baseline.
 
-Units: energy per atom in meV/atom, force components in meV/Å, stress
-components in GPa. The mean baseline is what a model that learned nothing
+The metrics are those of :mod:`lampretrain.objectives.metrics` (``REPORTED``): energy per atom
+in meV/atom, force components in meV/Å, stress components in GPa. The mean baseline is what a model that learned nothing
 beyond the training set's statistics would score; it never looks at the
 evaluated labels, so a one-frame validation set gets a meaningful baseline:
 
@@ -31,10 +31,20 @@ from ..config import ConfigError
 from ..frames import Frame
 from ..graph.batch import collate
 from ..models import graph_cutoffs
+from ..objectives.metrics import (
+    Metric, energy_per_atom_mae, energy_per_atom_rmse, force_component_mae, force_component_rmse, stress_component_mae,
+    stress_component_rmse,
+)
 
 EV_PER_A3_TO_GPA = 160.21766208
 QUANTITIES = {"energy": "meV/atom", "forces": "meV/Å", "stress": "GPa"}
 SCALE = {"energy": 1000.0, "forces": 1000.0, "stress": EV_PER_A3_TO_GPA}
+REPORTED: dict[str, tuple[Metric, Metric]] = {  # quantity → (MAE, RMSE), the force ones as papers report them
+    "energy": (energy_per_atom_mae, energy_per_atom_rmse),
+    "forces": (force_component_mae, force_component_rmse),
+    "stress": (stress_component_mae, stress_component_rmse),
+}
+SAMPLE_SHAPE = {"energy": (), "forces": (3,), "stress": (3, 3)}  # values per structure (energy, stress) or atom
 
 
 @dataclass(frozen=True)
@@ -59,24 +69,36 @@ class EnergyBaseline:
 
 @dataclass
 class Predictions:
-    """True and predicted values of one dataset, flattened per quantity (eV/atom, eV/Å, eV/Å³)."""
+    """True and predicted values of one dataset, flattened per quantity (eV, eV/Å, eV/Å³)."""
 
     dataset: str
     true: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
     pred: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
+    natoms: list[int] = field(default_factory=list)  # atoms of each energy-labelled frame
     baseline: list[float] = field(default_factory=list)  # mean-baseline energy per atom of each labelled frame
     baseline_sources: set[str] = field(default_factory=set)
     n_frames: int = 0
 
     def arrays(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+        """Flat true and predicted values; energies per atom (what the plots show)."""
         if not self.true.get(quantity):
             return np.zeros(0), np.zeros(0)
-        return np.concatenate(self.true[quantity]), np.concatenate(self.pred[quantity])
+        true, pred = np.concatenate(self.true[quantity]), np.concatenate(self.pred[quantity])
+        if quantity == "energy":
+            return true / np.asarray(self.natoms), pred / np.asarray(self.natoms)
+        return true, pred
 
-
-def mae_rmse(error: np.ndarray) -> tuple[float, float]:
-    """Mean absolute and root-mean-square error of a flat error array."""
-    return float(np.mean(np.abs(error))), float(np.sqrt(np.mean(error**2)))
+    def scores(self, quantity: str, baseline: bool = False) -> tuple[float, float]:
+        """(MAE, RMSE) of ``REPORTED[quantity]`` in reporting units, of the model or of the mean baseline."""
+        true = torch.from_numpy(np.concatenate(self.true[quantity]).reshape(-1, *SAMPLE_SHAPE[quantity]))
+        natoms = torch.tensor(self.natoms, dtype=torch.float64)
+        if not baseline:
+            pred = torch.from_numpy(np.concatenate(self.pred[quantity]).reshape(true.shape))
+        elif quantity == "energy":
+            pred = torch.tensor(self.baseline, dtype=torch.float64) * natoms
+        else:
+            pred = torch.zeros_like(true)
+        return tuple(float(m(pred, true, n_atoms=natoms)) * SCALE[quantity] for m in REPORTED[quantity])
 
 
 def predict(
@@ -129,8 +151,9 @@ def _collect(
     for g, (frame, baseline) in enumerate(zip(frames, baselines)):
         n = frame.natoms
         if frame.energy is not None:
-            preds.true["energy"].append(np.array([frame.energy / n]))
-            preds.pred["energy"].append(result["energy"][g : g + 1] / n)
+            preds.true["energy"].append(np.array([frame.energy]))
+            preds.pred["energy"].append(result["energy"][g : g + 1])
+            preds.natoms.append(n)
             preds.baseline.append(baseline.per_atom(frame.numbers))
             preds.baseline_sources.add(baseline.source)
         if frame.forces is not None:
@@ -144,21 +167,20 @@ def _collect(
 
 
 def metrics_table(predictions: dict[str, Predictions]) -> list[dict[str, object]]:
-    """One row per dataset and quantity: model and mean-baseline MAE/RMSE in reporting units."""
+    """One row per dataset and quantity: model and mean-baseline MAE/RMSE (``REPORTED``) in reporting units;
+    ``mae_metric``/``rmse_metric`` name them."""
     rows = []
     for name, p in sorted(predictions.items()):
         for quantity, unit in QUANTITIES.items():
-            true, pred = p.arrays(quantity)
+            true, _ = p.arrays(quantity)
             if true.size == 0:
                 continue
-            s = SCALE[quantity]
-            model_mae, model_rmse = mae_rmse((pred - true) * s)
-            if quantity == "energy":
-                base_mae, base_rmse = mae_rmse((np.asarray(p.baseline) - true) * s)
-            else:
-                base_mae, base_rmse = mae_rmse(true * s)
+            model_mae, model_rmse = p.scores(quantity)
+            base_mae, base_rmse = p.scores(quantity, baseline=True)
+            mae_metric, rmse_metric = REPORTED[quantity]
             rows.append({
                 "dataset": name, "quantity": quantity, "unit": unit, "frames": p.n_frames, "values": int(true.size),
+                "mae_metric": mae_metric.name, "rmse_metric": rmse_metric.name,
                 "mae": model_mae, "rmse": model_rmse, "baseline_mae": base_mae, "baseline_rmse": base_rmse,
                 "baseline": "; ".join(sorted(p.baseline_sources)) if quantity == "energy" else "zero",
             })

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .evaluate import QUANTITIES, SCALE, Predictions, mae_rmse  # noqa: E402
+from .evaluate import QUANTITIES, SCALE, Predictions  # noqa: E402
 
 LABELS = {"energy": "energy per atom", "forces": "force component", "stress": "stress component"}
 NATURAL = {"energy": ("eV/atom", 1.0), "forces": ("eV/Å", 1.0), "stress": ("GPa", SCALE["stress"])}
@@ -26,7 +26,7 @@ def parity_plot(p: Predictions, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(quantities), figsize=(4.2 * len(quantities), 4.0), squeeze=False)
     for ax, q in zip(axes[0], quantities):
         true, pred = p.arrays(q)
-        mae, _ = mae_rmse((pred - true) * SCALE[q])
+        mae, _ = p.scores(q)
         unit, s = NATURAL[q]
         true, pred = true * s, pred * s
         lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
@@ -64,7 +64,7 @@ def error_histogram(p: Predictions, path: Path) -> Path:
             ax.set_yscale("log")
         ax.set_xlabel(f"{LABELS[q]} error ({QUANTITIES[q]})")
         ax.set_ylabel("count")
-        mae, rmse = mae_rmse(error)
+        mae, rmse = p.scores(q)
         ax.set_title(f"MAE {mae:.3g}, RMSE {rmse:.3g}, mean {error.mean():+.3g}", fontsize=10)
     fig.suptitle(f"{p.dataset}: prediction errors")
     fig.tight_layout()

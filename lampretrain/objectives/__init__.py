@@ -1,18 +1,16 @@
-"""Training objectives: masked per-dataset losses, loss balancing and the DeNS denoising term."""
+"""Training objectives: the error metrics, masked per-dataset losses, loss balancing and the DeNS denoising term."""
 
 from .balancing import BALANCING, LossBalancer
-from .losses import energy_per_atom_error, force_error, magmom_error, masked_group_mean, stress_error
-from .objective import TASKS, MultiTaskObjective, ObjectiveConfig
+from .metrics import METRICS, Metric
+from .objective import LOSS_METRICS, TASKS, MultiTaskObjective, ObjectiveConfig
 
 __all__ = [
     "BALANCING",
+    "LOSS_METRICS",
+    "METRICS",
     "TASKS",
     "LossBalancer",
+    "Metric",
     "MultiTaskObjective",
     "ObjectiveConfig",
-    "energy_per_atom_error",
-    "force_error",
-    "magmom_error",
-    "masked_group_mean",
-    "stress_error",
 ]

@@ -25,10 +25,11 @@ from ..graph.batch import GraphBatch
 from ..models.layers.scatter import scatter_sum
 from ..models.multitask import DatasetSpec
 from .balancing import BALANCING, LossBalancer
-from .losses import energy_per_atom_error, force_error, magmom_error, masked_group_mean, stress_error
+from .metrics import energy_per_atom_mae, force_component_mae, force_norm_mae, magmom_mae, stress_component_mae
 
 TASKS = ("energy", "forces", "stress", "magmoms")
 
+LOSS_METRICS = (energy_per_atom_mae, force_norm_mae, stress_component_mae, magmom_mae)  # the term of each task
 
 @dataclass
 class ObjectiveConfig:
@@ -120,35 +121,31 @@ class MultiTaskObjective(torch.nn.Module):
         clean = ~out["noisy"] if "noisy" in out else torch.ones_like(batch.energy_mask)
         clean_atoms = clean[batch.batch]
         energy_clean = torch.ones_like(clean) if self.config.energy_on_noisy else clean
-        means, counts = [], []
-
-        def add(values: torch.Tensor | None, mask: torch.Tensor, group: torch.Tensor) -> None:
-            if values is None:  # the model does not predict this quantity
-                zero = torch.zeros(k, device=group.device)
-                means.append(zero)
-                counts.append(zero)
-                return
-            mean, count = masked_group_mean(values, mask, group, k)
-            means.append(mean)
-            counts.append(count)
-
-        add(energy_per_atom_error(out["energy"], batch.energy, batch.n_atoms), batch.energy_mask & energy_clean, graph_ds)
-        add(force_error(out["forces"], batch.forces) if "forces" in out else None, batch.forces_mask & clean_atoms, atom_ds)
-        add(stress_error(out["stress"], batch.stress) if "stress" in out else None, batch.stress_mask & clean, graph_ds)
-        add(magmom_error(out["magmoms"], batch.magmoms) if "magmoms" in out else None, batch.magmoms_mask & clean_atoms, atom_ds)
-        losses = torch.stack([m.float() for m in means], dim=1)  # (K, T)
-        count = torch.stack(counts, dim=1)  # (K, T)
+        masks = (batch.energy_mask & energy_clean, batch.forces_mask & clean_atoms, batch.stress_mask & clean,
+                 batch.magmoms_mask & clean_atoms)
+        groups = (graph_ds, atom_ds, graph_ds, atom_ds)
+        sums = torch.stack([  # (K, T, 2): Σ per-sample loss error and labelled samples; zero where not predicted
+            metric.sums(out[task], getattr(batch, task), mask, group, k, batch.n_atoms) if task in out
+            else torch.zeros(k, 2, device=group.device)
+            for task, metric, mask, group in zip(TASKS, LOSS_METRICS, masks, groups)
+        ], dim=1)
+        losses = torch.stack([m.finish(sums[:, t]) for t, m in enumerate(LOSS_METRICS)], dim=1).float()  # (K, T)
+        count = sums[..., 1]  # (K, T)
         present = (count > 0) & self.active
         loss, terms = self.balancer(losses * self.task_factor, present)
         metrics: dict[str, torch.Tensor] = {}
         if "noise_pred" in out:
-            dn, dn_count = masked_group_mean(
-                force_error(out["noise_pred"], out["noise_target"]), out["noise_mask"], torch.zeros_like(atom_ds), 1
-            )
-            loss = loss + self.config.denoising_weight * dn[0]
-            per_ds, _ = masked_group_mean(force_error(out["noise_pred"], out["noise_target"]), out["noise_mask"], atom_ds, k)
-            metrics["denoise"] = dn[0].detach()
-            metrics["denoise_atoms"] = dn_count[0]
+            # λ_dn · mean ‖ε̂ − ε/σ‖₂ over displaced atoms: the norm MAE's formula on the noise vectors
+            noise = (out["noise_pred"], out["noise_target"], out["noise_mask"])
+            dn = force_norm_mae.sums(*noise, torch.zeros_like(atom_ds), 1)[0]
+            loss = loss + self.config.denoising_weight * force_norm_mae.finish(dn)
+            metrics["denoise"] = force_norm_mae.finish(dn).detach()
+            metrics["denoise_atoms"] = dn[1].detach()
+            per_ds = force_norm_mae.finish(force_norm_mae.sums(*noise, atom_ds, k)).detach()
+        with_components = "forces" in out and TASKS.index("forces") in self.active_tasks
+        if with_components:  # the force metric papers and validation report, next to the norm the loss uses
+            components = force_component_mae.finish(
+                force_component_mae.sums(out["forces"].detach(), batch.forces, masks[1], atom_ds, k))
         metrics["loss"] = loss.detach()
         weights = self.balancer.weights().detach() * self.task_factor
         n_graphs = scatter_sum(torch.ones_like(graph_ds), graph_ds, k)
@@ -157,9 +154,11 @@ class MultiTaskObjective(torch.nn.Module):
             metrics[f"{name}/n_graphs"] = n_graphs[d]
             for t in self.active_tasks:
                 task = TASKS[t]
-                metrics[f"{name}/{task}_mae"] = losses[d, t].detach()
+                metrics[f"{name}/{LOSS_METRICS[t].name}"] = losses[d, t].detach()
                 metrics[f"{name}/{task}_count"] = count[d, t].detach()
                 metrics[f"{name}/{task}_weight"] = weights[d, t]
+            if with_components:
+                metrics[f"{name}/{force_component_mae.name}"] = components[d]
             if "noise_pred" in out:
                 metrics[f"{name}/denoise"] = per_ds[d].detach()
         return loss, metrics

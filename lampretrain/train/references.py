@@ -23,6 +23,7 @@ from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..models import graph_cutoffs
 from ..models.multitask import MultiTaskModel
+from ..objectives.metrics import energy_per_atom_mae
 from ..store.index import StoreIndex
 
 
@@ -64,9 +65,10 @@ class EnergyErrors:
     numbers: list[np.ndarray]  # atomic numbers per frame
 
     @property
-    def mae_per_atom(self) -> float:
-        """Mean |E − Ê| / N over the frames, eV/atom."""
-        return float(np.mean(np.abs(self.label - self.prediction) / self.natoms))
+    def energy_per_atom_mae(self) -> float:
+        """:data:`~lampretrain.objectives.metrics.energy_per_atom_mae` over the frames, eV/atom."""
+        pred, label, natoms = (torch.from_numpy(a) for a in (self.prediction, self.label, self.natoms))
+        return float(energy_per_atom_mae(pred, label, n_atoms=natoms))
 
     def shifted(self, delta: dict[int, float]) -> "EnergyErrors":
         """The same frames after ref[z] += δ_z: each prediction moves by Σ_z n_z δ_z (backbone and heads unchanged)."""
@@ -176,6 +178,7 @@ def refit_store_references(
             continue
         delta = reference_shift(before)
         apply_shift(model, name, delta)
-        refits.append(Refit(name, before.label.size, before.mae_per_atom, before.shifted(delta).mae_per_atom, delta))
+        after = before.shifted(delta)
+        refits.append(Refit(name, before.label.size, before.energy_per_atom_mae, after.energy_per_atom_mae, delta))
     return refits
 

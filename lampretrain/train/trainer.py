@@ -36,7 +36,7 @@ from ..config import ConfigError
 from .. import malloc
 from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
-from ..objectives import MultiTaskObjective
+from ..objectives import METRICS, MultiTaskObjective
 from ..recipe import Recipe, recipe_dict
 from . import checkpoint as ckpt
 from .data import TrainData, build_train_data, build_val_loader
@@ -58,14 +58,15 @@ class RunResult:
     mlflow_run_id: str | None
     preempted: bool
     last_metrics: dict[str, float]
-    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation (val/<dataset>/<q>_mae)
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation (val/<dataset>/<metric>)
 
 
 class MetricWindow:
     """Device-side sums of step metrics between two logs; one all-reduce turns them into averages.
 
-    A metric ``X_mae`` that comes with ``X_count`` is averaged weighted by its
-    count (a dataset absent from a micro-batch has count 0 and weighs nothing);
+    An error metric ``<dataset>/<metric>`` (a name in ``objectives.METRICS``) is
+    averaged weighted by ``<dataset>/<label>_count``, the labelled samples it is a
+    mean over (a dataset absent from a micro-batch has count 0 and weighs nothing);
     ``*_count``/``*n_graphs`` are summed; everything else is a plain mean over
     micro-batches. The per-key rules are fixed once per set of keys, so adding a
     micro-batch's metrics costs one stack and a few vector ops, not a few per metric.
@@ -109,13 +110,19 @@ class MetricWindow:
         }
 
 
+def _count_key(key: str) -> str:
+    """``<dataset>/<label>_count`` for an error metric ``<dataset>/<metric>``; '' (no key) for anything else."""
+    prefix, _, name = key.rpartition("/")
+    return f"{prefix}/{METRICS[name].label}_count" if prefix and name in METRICS else ""
+
+
 class _KeySums:
     """Running Σ value·weight and Σ weight for one set of metric keys (see :class:`MetricWindow`)."""
 
     def __init__(self, keys: tuple[str, ...], device: torch.device):
         self.keys = keys
         index = {k: i for i, k in enumerate(keys)}
-        count_of = [index.get(k[: -len("_mae")] + "_count", -1) if k.endswith("_mae") else -1 for k in keys]
+        count_of = [index.get(_count_key(k), -1) for k in keys]
         self.summed_keys = [k.endswith("_count") or k.endswith("n_graphs") for k in keys]
         self.weighted = torch.tensor([c >= 0 for c in count_of], device=device)
         self.count_of = torch.tensor([c if c >= 0 else i for i, c in enumerate(count_of)], device=device)
@@ -124,7 +131,7 @@ class _KeySums:
         self.den = torch.zeros(len(keys), device=device)
 
     def add(self, values: torch.Tensor) -> None:
-        count = values[self.count_of]  # (M,) the paired count of each X_mae
+        count = values[self.count_of]  # (M,) the paired count of each error metric
         self.num += values * torch.where(self.weighted, count, 1.0)
         self.den += torch.where(self.weighted, count, self.unit)
 
@@ -177,13 +184,18 @@ class TrainHooks:
         pass
 
 
-def _param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], scales: dict[str, float]) -> list[dict]:
-    """The engine's trainable ``params`` grouped by learning-rate multiplier (``lr_scale``, read by set_lr)."""
+def _param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], scales: dict[str, float],
+                  weight_decay: float, decay_vectors: bool) -> list[dict]:
+    """The engine's trainable ``params`` grouped by learning-rate multiplier (``lr_scale``, read by set_lr) and by
+    weight decay: matrices decay, vectors (biases, norm gains, scalars) do not unless ``decay_vectors``, as in
+    nanoGPT and MACE, since shrinking a norm's gain or a bias towards 0 regularises nothing."""
     scale_of = {id(p): scales.get(n, 1.0) for n, p in model.named_parameters()}
-    groups: dict[float, list] = {}
+    groups: dict[tuple[float, float], list] = {}
     for p in params:
-        groups.setdefault(scale_of.get(id(p), 1.0), []).append(p)
-    return [{"params": ps, "lr_scale": s} for s, ps in sorted(groups.items(), reverse=True)]
+        ndim = len(getattr(p, "ds_shape", p.shape))  # DeepSpeed ZeRO-3 keeps the full shape aside
+        decay = weight_decay if ndim >= 2 or decay_vectors else 0.0
+        groups.setdefault((scale_of.get(id(p), 1.0), decay), []).append(p)
+    return [{"params": ps, "lr_scale": s, "weight_decay": d} for (s, d), ps in sorted(groups.items(), reverse=True)]
 
 
 def build_model(recipe: Recipe, datasets: list[str], stats: dict[str, Any]) -> MultiTaskModel:
@@ -267,7 +279,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     o = recipe.optim
 
     def optimizer_factory(params):
-        params = _param_groups(model, params, hooks.lr_scales(model))
+        params = _param_groups(model, params, hooks.lr_scales(model), o.weight_decay, o.decay_vectors)
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     engine = make_engine(
@@ -497,7 +509,7 @@ def _refit_references(engine: Engine, ema: EMA | None, recipe: Recipe, ctx: Cont
             for refit in refits:
                 apply_shift(model, refit.dataset, refit.delta)
     if ctx.is_main:
-        tracker.log_metrics({f"refit/{r.dataset}/energy_mae_{when}": mae for r in refits if r.frames
+        tracker.log_metrics({f"refit/{r.dataset}/energy_per_atom_mae_{when}": mae for r in refits if r.frames
                              for when, mae in (("before", r.mae_before), ("after", r.mae_after))}, step)
         lines = [f"  {r.dataset}: {r.frames} frames, energy MAE {1e3 * r.mae_before:.2f} -> {1e3 * r.mae_after:.2f} "
                  "meV/atom" if r.frames else f"  {r.dataset}: no energy-labelled train frames, references kept"
@@ -508,9 +520,9 @@ def _refit_references(engine: Engine, ema: EMA | None, recipe: Recipe, ctx: Cont
 def _report_val(ctx: Context, bar, step: int, metrics: dict[str, float]) -> None:
     if not ctx.is_main:
         return
-    units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "eV/Å³"}
-    parts = [f"{q} {metrics[f'val/{q}_mae']:.4g} {u}" for q, u in units.items() if f"val/{q}_mae" in metrics]
-    line = f"[lampretrain] step {step} validation MAE: " + ", ".join(parts)
+    units = {"energy_per_atom_mae": "eV/atom", "force_component_mae": "eV/Å", "stress_component_mae": "eV/Å³"}
+    parts = [f"{m} {metrics[f'val/{m}']:.4g} {u}" for m, u in units.items() if f"val/{m}" in metrics]
+    line = f"[lampretrain] step {step} validation: " + ", ".join(parts)
     if bar is not None:
         bar.write(line)
     else:

@@ -197,7 +197,7 @@ def test_final_weights_follow_the_learning_rate(batch):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="unknown key\\(s\\) energy_wieght"):
+    with pytest.raises(ValueError, match="objective: unknown key 'energy_wieght'; allowed keys: energy_weight"):
         ObjectiveConfig.from_dict({"energy_wieght": 1.0})
     with pytest.raises(ValueError, match="dataset_weights: unknown dataset\\(s\\) omat"):
         MultiTaskObjective(ObjectiveConfig(dataset_weights={"omat": 2.0}), DATASETS)

@@ -16,20 +16,21 @@ No ``.item()``, no branching on tensor values: metrics stay tensors on the devic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from ..config import from_dict
 from ..graph.batch import GraphBatch
 from ..models.layers.scatter import scatter_sum
 from ..models.multitask import DatasetSpec
-from .balancing import BALANCING, LossBalancer
+from .balancing import LossBalancer
 from .metrics import energy_per_atom_mae, force_component_mae, force_norm_mae, magmom_mae, stress_component_mae
 
 TASKS = ("energy", "forces", "stress", "magmoms")
-
 LOSS_METRICS = (energy_per_atom_mae, force_norm_mae, stress_component_mae, magmom_mae)  # the term of each task
+
 
 @dataclass
 class ObjectiveConfig:
@@ -38,7 +39,7 @@ class ObjectiveConfig:
     stress_weight: float = 0.1
     magmom_weight: float = 0.1
     dataset_weights: dict[str, float] = field(default_factory=dict)  # name → multiplier, default 1
-    balancing: str = "static"  # none | static | uncertainty (see objectives.balancing)
+    balancing: Literal["none", "static", "uncertainty"] = "static"  # see objectives.balancing
     static_max_ratio: float = 10.0  # static/uncertainty: scales clamped within this factor of their median over datasets
     uncertainty_max_ratio: float | None = None  # uncertainty: weights stay within this factor of the static ones
     denoising_weight: float = 10.0  # λ_dn, deepmd-kit DPA4 dens default
@@ -46,22 +47,20 @@ class ObjectiveConfig:
     final_weights: dict[str, float] = field(default_factory=dict)  # task → coefficient at the end of the lr decay
 
     def __post_init__(self) -> None:
-        if self.balancing not in BALANCING:
-            raise ValueError(f"objective.balancing: '{self.balancing}' not one of {', '.join(BALANCING)}")
         for f in ("energy_weight", "force_weight", "stress_weight", "magmom_weight", "denoising_weight"):
-            if getattr(self, f) < 0:
-                raise ValueError(f"objective.{f} must be ≥ 0, got {getattr(self, f)}")
+            if not getattr(self, f) >= 0:
+                raise ValueError(f"{f}: must be >= 0, got {getattr(self, f)}")
         if not self.static_max_ratio >= 1:
-            raise ValueError(f"objective.static_max_ratio must be ≥ 1, got {self.static_max_ratio}")
+            raise ValueError(f"static_max_ratio: must be >= 1, got {self.static_max_ratio}")
         if self.uncertainty_max_ratio is not None and not self.uncertainty_max_ratio > 1:
-            raise ValueError(f"objective.uncertainty_max_ratio must be > 1 (or null), got {self.uncertainty_max_ratio}")
+            raise ValueError(f"uncertainty_max_ratio: must be > 1 (or null), got {self.uncertainty_max_ratio}")
         for task, final in self.final_weights.items():
             if task not in TASKS:
-                raise ValueError(f"objective.final_weights: unknown task '{task}'; tasks: {', '.join(TASKS)}")
-            if final < 0:
-                raise ValueError(f"objective.final_weights.{task} must be ≥ 0, got {final}")
+                raise ValueError(f"final_weights: unknown task '{task}'; tasks: {', '.join(TASKS)}")
+            if not final >= 0:
+                raise ValueError(f"final_weights.{task}: must be >= 0, got {final}")
             if not self.start_weights()[TASKS.index(task)] > 0:
-                raise ValueError(f"objective.final_weights.{task}: the {task} weight is 0, so there is nothing to "
+                raise ValueError(f"final_weights.{task}: the {task} weight is 0, so there is nothing to "
                                  "anneal; give it a small start weight (deepmd-kit starts energy at 0.02)")
 
     def start_weights(self) -> list[float]:
@@ -78,11 +77,8 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveConfig":
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"objective: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-        return cls(**data)
+        """Validated by the one config validator (keys, types, choices, ranges)."""
+        return from_dict(cls, dict(data), at="objective")
 
 
 class MultiTaskObjective(torch.nn.Module):

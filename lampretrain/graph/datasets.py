@@ -41,7 +41,11 @@ class LmdbFrameDataset(Dataset):
     @classmethod
     def from_index(cls, index, split: str = "train") -> "LmdbFrameDataset":
         """The ``split`` rows of a :class:`~lampretrain.store.index.StoreIndex`, in index order."""
-        rows = index.rows(split)
+        return cls.from_rows(index, split, index.rows(split))
+
+    @classmethod
+    def from_rows(cls, index, split: str, rows: np.ndarray) -> "LmdbFrameDataset":
+        """Store rows ``rows`` of split ``split``, e.g. a :class:`~lampretrain.store.index.Selection`'s, in that order."""
         return cls(index.shard_paths("lmdb", split), index.shard[rows], index.key[rows])
 
     def __len__(self) -> int:

@@ -76,15 +76,15 @@ def read_sources(
         path = Path(source)
         if _is_store(path):
             index = StoreIndex.open(path)
-            frames = LmdbFrameDataset.from_index(index, split)
-            rows = index.rows(split)
-            names = np.asarray(index.datasets)[index.dataset[rows]]
-            keep = np.isin(names, heads) if heads is not None else np.ones(len(rows), dtype=bool)
-            if not keep.all():
-                left = ", ".join(f"{n} ({c})" for n, c in zip(*np.unique(names[~keep], return_counts=True)))
-                print(f"{source}: no head for {left} {split} frames; not evaluated")
-            wanted = np.nonzero(keep)[0][:max_frames]
-            yield from (frames[int(i)] for i in wanted)
+            unheaded = [n for n in index.datasets if heads is not None and n not in heads]
+            left = index.select(split, unheaded, required=False)
+            if len(left):
+                counts = np.bincount(left.heads, minlength=len(unheaded))
+                named = ", ".join(f"{n} ({c})" for n, c in zip(unheaded, counts) if c)
+                print(f"{source}: no head for {named} {split} frames; not evaluated")
+            chosen = index.select(split, [n for n in index.datasets if n not in unheaded], required=False)
+            frames = LmdbFrameDataset.from_rows(index, split, chosen.rows[:max_frames])
+            yield from (frames[i] for i in range(len(frames)))
         elif path.exists():
             yield from itertools.islice(read_frames(path), max_frames)
         else:
@@ -132,17 +132,15 @@ def _mlflow_uri(checkpoint: Path, given: str | None) -> str | None:
 
 
 def log_mlflow(run_id: str, uri: str | None, rows: list[dict], files: list[Path]) -> None:
-    """Metrics ``eval/<dataset>/<metric>`` and ``eval/<dataset>/baseline/<metric>`` (the row's MAE and RMSE
-    metrics, reporting units), the table as an MLflow table (``evaluation/metrics.json``) and every file under
-    ``evaluation/``."""
+    """Metrics ``eval/<dataset>/<quantity>_<mae|rmse|baseline_mae|baseline_rmse>``, the table as an MLflow
+    table (``evaluation/metrics.json``) and every file under ``evaluation/``."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     client.get_run(run_id)  # an unknown run fails here, naming the id, before anything is logged
     for r in rows:
-        for kind in ("mae", "rmse"):
-            client.log_metric(run_id, f"eval/{r['dataset']}/{r[f'{kind}_metric']}", float(r[kind]))
-            client.log_metric(run_id, f"eval/{r['dataset']}/baseline/{r[f'{kind}_metric']}", float(r[f"baseline_{kind}"]))
+        for key in ("mae", "rmse", "baseline_mae", "baseline_rmse"):
+            client.log_metric(run_id, f"eval/{r['dataset']}/{r['quantity']}_{key}", float(r[key]))
     client.log_table(run_id, {key: [r[key] for r in rows] for key in rows[0]}, "evaluation/metrics.json")
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="evaluation")

@@ -101,7 +101,11 @@ def _recipe_problems(plan: LaunchPlan) -> list[str]:
     if recipe.engine.backend == "nccl" and not gpu_ranks:
         out.append("engine.backend: nccl needs a GPU per rank; use gloo or auto")
     if world >= 1:
-        frames = _training_frames(recipe)
+        try:
+            frames = _training_frames(recipe)
+        except ConfigError as err:  # a dataset the store lacks, which the trainer refuses too
+            out.append(f"recipe: {err}")
+            frames = None
         if frames is not None and frames < world:
             out.append(
                 f"world size {world} (resources.nodes {r.nodes} x resources.gpus_per_node {r.gpus_per_node}) "
@@ -113,21 +117,12 @@ def _recipe_problems(plan: LaunchPlan) -> list[str]:
 
 def _training_frames(recipe) -> int | None:
     """Frames the sampler deals from (datasets and max_natoms applied); None when the store is not readable here."""
-    import numpy as np
-
     from ..store.index import StoreIndex
 
-    if _is_remote(recipe.data.store) or not (Path(recipe.data.store) / "manifest.json").exists():
+    data = recipe.data
+    if _is_remote(data.store) or not (Path(data.store) / "manifest.json").exists():
         return None
-    index = StoreIndex.open(recipe.data.store)
-    rows = index.rows(recipe.data.split)
-    keep = np.ones(len(rows), dtype=bool)
-    if recipe.data.datasets:
-        wanted = [index.datasets.index(n) for n in recipe.data.datasets if n in index.datasets]
-        keep &= np.isin(index.dataset[rows], wanted)
-    if recipe.data.max_natoms is not None:
-        keep &= index.natoms[rows] <= recipe.data.max_natoms
-    return int(keep.sum())
+    return len(StoreIndex.open(data.store).select(data.split, data.datasets, data.max_natoms, required=False))
 
 
 def validate(plan: LaunchPlan, check_paths: bool = True) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ConfigError
 from ..errors import UserError
 
 STORE_SCHEMA = "lampretrain-store"
@@ -80,6 +81,20 @@ class StoreError(UserError, FileNotFoundError):
     """A store directory that is missing, incomplete or of another version; the message names it and the fix."""
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The frames of one split chosen by dataset and size (:meth:`StoreIndex.select`), in store order."""
+
+    split: str
+    names: list[str]  # the chosen datasets in the order asked (head order); the store's order when none were named
+    rows: np.ndarray  # store row ids
+    positions: np.ndarray  # positions within the split's rows: items of ``LmdbFrameDataset.from_index(index, split)``
+    heads: np.ndarray  # per row, the position of its dataset in ``names`` (the dataset id its graph batch carries)
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+
 @dataclass
 class StoreIndex:
     """A store's manifest plus its index columns (memory-mapped)."""
@@ -134,6 +149,34 @@ class StoreIndex:
         if split is None:
             return np.arange(len(self))
         return np.nonzero(self.columns["split"] == SPLITS.index(split))[0]
+
+    def select(
+        self, split: str, datasets: list[str] | None = None, max_natoms: int | None = None, *,
+        required: bool = True, key: str = "data",
+    ) -> Selection:
+        """The ``split`` frames of ``datasets`` (default: all of the store's) with at most ``max_natoms`` atoms.
+
+        Every loader, check and evaluation of store frames selects through here, so they agree on which frames
+        a recipe means. ``key`` is the recipe section the arguments came from, named by the errors: a dataset
+        the store lacks, and (``required``) a selection left empty.
+        """
+        unknown = [n for n in datasets or [] if n not in self.datasets]
+        if unknown:
+            raise ConfigError(f"{key}.datasets: '{unknown[0]}' is not a dataset of {self.root}; it has "
+                              f"{', '.join(self.datasets)}")
+        names = list(self.datasets if datasets is None else datasets)
+        split_rows = self.rows(split)
+        head_of = np.full(len(self.datasets), -1, dtype=np.int64)
+        head_of[[self.datasets.index(n) for n in names]] = np.arange(len(names))
+        heads = head_of[self.columns["dataset"][split_rows]]
+        keep = heads >= 0
+        if max_natoms is not None:
+            keep &= self.columns["natoms"][split_rows] <= max_natoms
+        positions = np.nonzero(keep)[0]
+        if required and positions.size == 0:
+            raise ConfigError(f"{key}: {self.root} has no '{split}' frames of {', '.join(names) or 'no dataset'}"
+                              + (f" with at most {max_natoms} atoms ({key}.max_natoms)" if max_natoms else ""))
+        return Selection(split, names, split_rows[positions], positions, heads[positions])
 
     def shard_paths(self, fmt: str, split: str) -> list[Path]:
         return [self.root / s["path"] for s in self.manifest["shards"][fmt] if s["split"] == split]

@@ -2,9 +2,9 @@
 batches) and the validation batches (this rank's share of the val split, every frame once).
 
 The store holds positions, not graphs: graphs are built in the loader, at the model's
-cutoffs when they are given (:meth:`TrainData.use_cutoffs`, ``build_val_loader(cutoffs=...)``),
-else at the cutoffs the store was prepared with. The store's cutoffs then only serve
-its per-frame edge/angle counts, which feed the sampler's cost model.
+cutoffs (:meth:`TrainData.use_cutoffs`, ``build_val_loader(cutoffs=...)``); the store's cutoffs
+only serve its per-frame edge/angle counts, which feed the sampler's cost model. Both select
+their frames with :meth:`StoreIndex.select`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..config import ConfigError
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..recipe import DataSection
@@ -66,19 +65,6 @@ class WorkerLoader(DataLoader):
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-class _Rows(Dataset):
-    """Item i of the sampler is store row ``rows[i]`` of ``frames`` (split rows, filtered)."""
-
-    def __init__(self, frames: LmdbFrameDataset, keep: np.ndarray):
-        self.frames, self.keep = frames, keep
-
-    def __len__(self) -> int:
-        return int(self.keep.size)
-
-    def __getitem__(self, i: int):
-        return self.frames[int(self.keep[i])]
-
-
 @dataclass
 class TrainData:
     index: StoreIndex
@@ -111,36 +97,12 @@ class TrainData:
             epoch, position = epoch + 1, 0
 
 
-def _selected(index: StoreIndex, cfg: DataSection, names: list[str], split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(positions within the split's rows, their store dataset ids) of the split's frames of ``names``
-    within ``max_natoms``."""
-    unknown = sorted(set(names) - set(index.datasets))
-    if unknown:
-        raise ConfigError(f"data.datasets names {unknown}, not in store {cfg.store} (has {index.datasets})")
-    rows = index.rows(split)
-    store_ds = np.asarray(index.dataset[rows], dtype=np.int64)
-    keep = np.isin(store_ds, [index.datasets.index(n) for n in names])
-    if cfg.max_natoms is not None:
-        keep &= index.natoms[rows] <= cfg.max_natoms
-    keep = np.nonzero(keep)[0]
-    return keep, store_ds[keep]
-
-
 def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) -> TrainData:
     index = StoreIndex.open(cfg.store)
-    names = cfg.datasets or index.datasets
-    keep, kept_ds = _selected(index, cfg, names, cfg.split)
-    if keep.size == 0:
-        raise ConfigError(f"data: no '{cfg.split}' frames left in {cfg.store} for datasets {names} (max_natoms={cfg.max_natoms})")
-    rows = index.rows(cfg.split)
-    frames = LmdbFrameDataset.from_index(index, cfg.split)
-    wanted = np.array([index.datasets.index(n) for n in names])
-    sel = rows[keep]
-    remap = np.full(len(index.datasets), -1, dtype=np.int64)
-    remap[wanted] = np.arange(len(names))
-    head_ds = remap[kept_ds]
-    cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[sel], index.n_edges[sel], index.n_angles[sel])
-    sizes = np.bincount(head_ds, minlength=len(names))
+    sel = index.select(cfg.split, cfg.datasets, cfg.max_natoms)
+    rows, names = sel.rows, sel.names
+    cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[rows], index.n_edges[rows], index.n_angles[rows])
+    sizes = np.bincount(sel.heads, minlength=len(names))
     s = cfg.sampling
     if s.strategy == "explicit":
         weights = weights_from_mapping(names, s.ratios)
@@ -149,11 +111,11 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
     else:
         weights = dataset_weights(sizes, s.strategy, s.temperature)
     sampler = BalancedBatchSampler(
-        cost, cfg.budget, rank, world_size, dataset=head_ds, weights=weights, epoch_size=s.epoch_size, seed=seed
+        cost, cfg.budget, rank, world_size, dataset=sel.heads, weights=weights, epoch_size=s.epoch_size, seed=seed
     )
     collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)}, packed=True)
     loader = WorkerLoader(
-        _Rows(frames, keep),
+        LmdbFrameDataset.from_rows(index, sel.split, rows),
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.workers,
@@ -161,15 +123,15 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),  # iter(loader) draws a seed: keep it off the global RNG
     )
-    return TrainData(index, list(names), sampler, loader, np.asarray(index.natoms[sel]), collate)
+    return TrainData(index, names, sampler, loader, np.asarray(index.natoms[rows]), collate)
 
 
 def build_val_loader(
-    cfg: DataSection, names: list[str], rank: int, world_size: int, cutoffs: tuple[float, float] | None = None
+    cfg: DataSection, names: list[str], rank: int, world_size: int, cutoffs: tuple[float, float]
 ) -> DataLoader | None:
     """This rank's share of the val split of datasets ``names`` (head order) as graph batches; None if it is empty.
 
-    ``cutoffs``: (pair, three-body) in Å the graphs are built at (the model's); default the store's.
+    ``cutoffs``: (pair, three-body) in Å the graphs are built at (the model's).
 
     Rank r takes every world_size-th frame from r, in index order, packed
     greedily into micro-batches of at most ``cfg.budget`` cost (a costlier
@@ -178,12 +140,11 @@ def build_val_loader(
     collective per batch.
     """
     index = StoreIndex.open(cfg.store)
-    keep, _ = _selected(index, cfg, names, "val")
-    if keep.size == 0:
+    sel = index.select("val", names, cfg.max_natoms, required=False)
+    if not len(sel):
         return None
-    mine = keep[rank::world_size]
-    sel = index.rows("val")[mine]
-    cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[sel], index.n_edges[sel], index.n_angles[sel])
+    mine = sel.rows[rank::world_size]
+    cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[mine], index.n_edges[mine], index.n_angles[mine])
     batches: list[list[int]] = []
     load = float("inf")
     for i, c in enumerate(cost):
@@ -192,10 +153,9 @@ def build_val_loader(
             load = 0.0
         batches[-1].append(i)
         load += c
-    pair, three_body = cutoffs if cutoffs is not None else (index.cutoff, index.three_body_cutoff)
-    collate = GraphCollate(pair, three_body, {n: k for k, n in enumerate(names)})
+    collate = GraphCollate(*cutoffs, {n: k for k, n in enumerate(names)})
     return WorkerLoader(
-        _Rows(LmdbFrameDataset.from_index(index, "val"), mine), batch_sampler=batches, collate_fn=collate,
+        LmdbFrameDataset.from_rows(index, "val", mine), batch_sampler=batches, collate_fn=collate,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(0),  # iter(loader) draws a seed: validation leaves the global RNG alone
     )

@@ -132,15 +132,17 @@ def _mlflow_uri(checkpoint: Path, given: str | None) -> str | None:
 
 
 def log_mlflow(run_id: str, uri: str | None, rows: list[dict], files: list[Path]) -> None:
-    """Metrics ``eval/<dataset>/<quantity>_<mae|rmse|baseline_mae|baseline_rmse>``, the table as an MLflow
-    table (``evaluation/metrics.json``) and every file under ``evaluation/``."""
+    """Metrics ``eval/<dataset>/<metric>`` and ``eval/<dataset>/baseline/<metric>`` (the row's MAE and RMSE
+    metrics, reporting units), the table as an MLflow table (``evaluation/metrics.json``) and every file under
+    ``evaluation/``."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     client.get_run(run_id)  # an unknown run fails here, naming the id, before anything is logged
     for r in rows:
-        for key in ("mae", "rmse", "baseline_mae", "baseline_rmse"):
-            client.log_metric(run_id, f"eval/{r['dataset']}/{r['quantity']}_{key}", float(r[key]))
+        for kind in ("mae", "rmse"):
+            client.log_metric(run_id, f"eval/{r['dataset']}/{r[f'{kind}_metric']}", float(r[kind]))
+            client.log_metric(run_id, f"eval/{r['dataset']}/baseline/{r[f'{kind}_metric']}", float(r[f"baseline_{kind}"]))
     client.log_table(run_id, {key: [r[key] for r in rows] for key in rows[0]}, "evaluation/metrics.json")
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="evaluation")

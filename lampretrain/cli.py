@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 from .bench import BENCHES
-from .config import ConfigError
 from .errors import EXIT_USAGE, UserError, one_line
 from .finetune.cli import add_parser as add_finetune_parser
 from .finetune.cli import run as run_finetune
@@ -30,8 +29,6 @@ from .inference.cli import add_parser as add_inference_parser
 from .inference.cli import run as run_inference
 from .launch.cli import add_parser as add_launch_parser
 from .launch.cli import run as run_launch
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _prep(args: argparse.Namespace) -> int:
@@ -75,17 +72,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from . import resources
     from .prep.pipeline import prepare
     from .prep.spec import load_spec
 
-    spec_path = REPO_ROOT / "data_prep" / "demo.yaml"
-    if not spec_path.exists():
-        raise ConfigError(f"{spec_path} not found: run the demo from a checkout of the lampretrain repository")
-    store = Path(args.output) / "store"
-    spec = load_spec(spec_path, {"output": str(store)})
+    store = Path(args.output) / "store"  # relative to the working directory, wherever the package lives
+    spec = load_spec(resources.path("data_prep/demo.yaml"), {"output": str(store)}, base=resources.root())
     report = prepare(spec, workers=args.workers, overwrite=False)
     _print_report(spec.output, report)
-    recipe_path = REPO_ROOT / "recipes" / f"demo-{args.model}.yaml"
+    recipe_path = resources.path(f"recipes/demo-{args.model}.yaml")
     overrides = [f"data.store={store}", f"output={Path(args.output) / args.model}", *args.set]
     return _run_pretrain(recipe_path, overrides, resume="auto", max_steps=None)
 

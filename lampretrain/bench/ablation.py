@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import resources
 from ..frames import Frame
 from ..graph.batch import collate
 from ..io import read_frames
@@ -31,7 +32,7 @@ from ..objectives import MultiTaskObjective, ObjectiveConfig
 from ..objectives.metrics import energy_per_atom_mae, force_norm_mae
 from .common import emit, peak_rss_mb
 
-REAL = Path(__file__).resolve().parents[2] / "tests" / "data" / "real"
+REAL = resources.path("tests/data/real")
 SOURCES = {  # dataset → (path, frames kept)
     "mp_pbeu": ("custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml", 12),
     "mp_r2scan": ("custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml", 12),

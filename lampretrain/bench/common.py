@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _results_file: Path | None = None
 
 
@@ -96,8 +95,8 @@ def today() -> str:
 
 
 def default_results_path(root: Path | None = None) -> Path:
-    """``benchmarks/results/<YYYY-MM-DD>-<machine>.jsonl`` under the repository (or ``root``)."""
-    return (root or REPO_ROOT) / "benchmarks" / "results" / f"{today()}-{machine_descriptor()}.jsonl"
+    """``benchmarks/results/<YYYY-MM-DD>-<machine>.jsonl`` under the working directory (or ``root``)."""
+    return (root or Path.cwd()) / "benchmarks" / "results" / f"{today()}-{machine_descriptor()}.jsonl"
 
 
 def set_results_file(path: str | Path | None) -> Path | None:

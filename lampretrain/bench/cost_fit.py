@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import REPO_ROOT, emit, machine_descriptor, today
+from .. import resources
+from .common import emit, machine_descriptor, today
 
-REAL = REPO_ROOT / "tests" / "data" / "real"
+REAL = resources.path("tests/data/real")
 CRYSTALS = REAL / "fairchem_oxides_asedb" / "oxides.db"
 MOLECULES = REAL / "deepmd_nopbc_cho"
 
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..io import read_frames
-    from ..models import build
-    from ..models import graph_cutoffs
+    from ..models import build, graph_cutoffs
     from .scaling import TINY
 
     p = argparse.ArgumentParser(prog="lampretrain bench cost", description=__doc__.split("\n")[0])

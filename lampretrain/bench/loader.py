@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lampretrain import resources
 from lampretrain.bench import peers
-from lampretrain.bench.common import REPO_ROOT, emit, peak_rss_mb, skipped
+from lampretrain.bench.common import emit, peak_rss_mb, skipped
 from lampretrain.frames import Frame
 from lampretrain.graph.datasets import GraphCollate, LmdbFrameDataset, WdsFrameDataset
 from lampretrain.store import LmdbShardWriter, WdsShardWriter
 
-OXIDES = REPO_ROOT / "tests" / "data" / "real" / "fairchem_oxides_asedb" / "oxides.db"
+OXIDES = resources.path("tests/data/real/fairchem_oxides_asedb/oxides.db")
 
 
 def _oxides_frames() -> list[Frame]:

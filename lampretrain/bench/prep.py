@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import resources
 from .common import emit, peak_rss_mb
 
-DEMO_SPEC = Path(__file__).resolve().parents[2] / "data_prep" / "demo.yaml"
+DEMO_SPEC = resources.path("data_prep/demo.yaml")
 
 
 def _input_bytes(paths: list[Path]) -> int:
@@ -33,14 +34,14 @@ def _input_bytes(paths: list[Path]) -> int:
 
 
 def _spec(args: argparse.Namespace, out: Path):
-    from ..prep.spec import load_spec, SourceSpec
+    from ..prep.spec import SourceSpec, load_spec
 
     if args.input is None:
-        spec = load_spec(DEMO_SPEC, {"output": str(out)})
+        spec = load_spec(DEMO_SPEC, {"output": str(out)}, base=resources.root())
     elif str(args.input).endswith((".yaml", ".yml")):
         spec = load_spec(args.input, {"output": str(out)})
     else:
-        spec = load_spec(DEMO_SPEC, {"output": str(out)})
+        spec = load_spec(DEMO_SPEC, {"output": str(out)}, base=resources.root())
         spec.sources = [SourceSpec(path=str(args.input), dataset="bench")]
     return spec
 

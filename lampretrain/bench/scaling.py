@@ -41,9 +41,10 @@ from pathlib import Path
 
 import yaml
 
+from .. import resources
 from .common import emit, peak_rss_mb
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = resources.PACKAGE.parent  # what holds the lampretrain package, checkout or site-packages
 TINY = {
     "dpa4-neo": {"channels": 16, "lmax": 2, "n_blocks": 1, "so2_layers": 2, "n_radial": 8},
     "matris-4m": {"num_layers": 2, "atom_dim": 32, "bond_dim": 32, "angle_dim": 32, "readout_hidden": [32],
@@ -137,11 +138,11 @@ def bare_step_time(args: argparse.Namespace, tmp: Path) -> tuple[float, float]:
     """Mean wall-clock and CPU seconds per step of the bare loop over the same first batches (1 process)."""
     import torch
 
+    from lampretrain.models import graph_cutoffs
+    from lampretrain.objectives import MultiTaskObjective
     from lampretrain.recipe import parse_recipe
     from lampretrain.train.data import build_train_data
     from lampretrain.train.trainer import build_model
-    from lampretrain.models import graph_cutoffs
-    from lampretrain.objectives import MultiTaskObjective
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,10 +21,11 @@ import time
 import traceback
 from pathlib import Path
 
+from .. import resources
 from . import BENCHES
-from .common import REPO_ROOT, emit, reset_peak_rss, results_file
+from .common import emit, reset_peak_rss, results_file
 
-OXIDES = REPO_ROOT / "tests" / "data" / "real" / "fairchem_oxides_asedb" / "oxides.db"
+OXIDES = resources.path("tests/data/real/fairchem_oxides_asedb/oxides.db")
 
 
 def structure_files(root: Path) -> dict[int, Path]:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import resources
 from .common import emit, peak_rss_mb, reset_peak_rss
 from .prep import DEMO_SPEC
 
@@ -29,7 +30,7 @@ def demo_store(root: Path) -> Path:
     from ..prep.pipeline import prepare
     from ..prep.spec import load_spec
 
-    spec = load_spec(DEMO_SPEC, {"output": str(root / "store")})
+    spec = load_spec(DEMO_SPEC, {"output": str(root / "store")}, base=resources.root())
     with contextlib.redirect_stdout(sys.stderr):
         prepare(spec, workers=1, progress=False, overwrite=True)
     return root / "store"

@@ -13,8 +13,6 @@ from .profile import ClusterProfile
 
 Cluster = Literal["slurm", "ray-slurm", "k8s", "local"]
 CLUSTERS: tuple[str, ...] = ("slurm", "ray-slurm", "k8s", "local")
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-TEMPLATES = REPO_ROOT / "cluster"
 
 
 @dataclass

@@ -8,16 +8,16 @@ from typing import Any
 
 import yaml
 
+from .. import resources
 from ..config import ConfigError
-from .plan import TEMPLATES
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def template_path(relative: str) -> Path:
-    path = TEMPLATES / relative
+    path = resources.path(f"cluster/{relative}")
     if not path.exists():
-        raise ConfigError(f"{path}: template not found; run `lampretrain launch` from a checkout of lampretrain")
+        raise ConfigError(f"{path}: template not found; reinstall lampretrain (its wheel ships cluster/)")
     return path
 
 

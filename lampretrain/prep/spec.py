@@ -96,8 +96,11 @@ class PrepSpec:
             raise ConfigError(f"min_distance: must be >= 0 Å, got {self.min_distance}")
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> PrepSpec:
-    """Read and validate a spec; relative source paths stay relative to the working directory."""
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None, base: str | Path | None = None) -> PrepSpec:
+    """Read and validate a spec; relative source paths are relative to ``base`` (default: the working directory)."""
     data = load_yaml(path)
     data.update(overrides or {})
+    if base is not None:
+        data["sources"] = [s if not isinstance(s, dict) or Path(s.get("path", "")).is_absolute()
+                           else {**s, "path": str(Path(base) / s["path"])} for s in data.get("sources") or []]
     return from_dict(PrepSpec, data, where=str(path))

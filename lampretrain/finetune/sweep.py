@@ -111,8 +111,12 @@ class SchedulerSection:
     max_t: int | None = None  # default: the base recipe's number of log windows
 
     def check(self) -> None:
-        if self.grace_period < 1 or self.reduction_factor <= 1:
-            raise ConfigError("grace_period must be >= 1 and reduction_factor > 1")
+        if self.grace_period < 1:
+            raise ConfigError(f"grace_period: must be >= 1, got {self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"reduction_factor: must be > 1, got {self.reduction_factor}")
+        if self.max_t is not None and self.max_t < self.grace_period:
+            raise ConfigError(f"max_t: must be >= grace_period ({self.grace_period}), got {self.max_t}")
 
 
 @dataclass
@@ -121,12 +125,24 @@ class ResourcesSection:
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None  # default: as many as the resources allow
 
+    def check(self) -> None:
+        if not self.cpus_per_trial > 0:
+            raise ConfigError(f"cpus_per_trial: must be > 0, got {self.cpus_per_trial}")
+        if not self.gpus_per_trial >= 0:
+            raise ConfigError(f"gpus_per_trial: must be >= 0, got {self.gpus_per_trial}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent: must be >= 1 (or null), got {self.max_concurrent}")
+
 
 @dataclass
 class RaySection:
     address: str | None = None  # join this cluster ("auto", "host:port"); default: start a local Ray
     num_cpus: int | None = None  # the local Ray's CPUs (default: all)
     dashboard: bool = False  # the local Ray's dashboard, on 127.0.0.1
+
+    def check(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"num_cpus: must be >= 1 (or null for all), got {self.num_cpus}")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from pymatgen.core import Structure
 
 from lampretrain.frames import Frame
 from lampretrain.graph.batch import collate
-from lampretrain.models import build
+from lampretrain.models import build, build_backbone
+from lampretrain.models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from lampretrain.models.layers.spherical_harmonics import sh_degrees
 from lampretrain.models.layers.wigner import WignerD, quaternion_to_matrix
 
@@ -45,11 +47,13 @@ def molecule_frame(system: str = "C3H3O4", index: int = 0) -> Frame:
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:
     """A small DPA4 with every weight perturbed, so zero-initialised branches contribute."""
     torch.manual_seed(seed)
-    model = build("dpa4-air", **{**TINY, **overrides}).double().eval()
+    # one small energy head in place of the single-task readout the backbone had
+    config = MultiTaskConfig("dpa4-air", [DatasetSpec("default")], HeadsConfig(hidden=(8,)), {**TINY, **overrides})
+    model = MultiTaskModel(config).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        model.readout.element_energy.normal_()
+        model.references.table.normal_()
     return model
 
 
@@ -67,7 +71,11 @@ def random_rotation(seed: int) -> torch.Tensor:
     "name,expected", [("dpa4-neo", 1.60e6), ("dpa4-air", 2.76e6), ("dpa4-plus", 5.40e6), ("dpa4-pro", 20.91e6)]
 )
 def test_parameter_counts_match_the_paper(name, expected):
-    n = sum(p.numel() for p in build(name).parameters())
+    backbone = build_backbone(name)
+    # the paper counts its energy readout, d = x₀ + GLU-FFN(x₀), ε = GLU fitting(d): now the multi-task heads' job
+    c, h = backbone.config.channels, backbone.config.ffn_channels
+    readout = (c * 2 * h + h * c) + (c * 2 * h + 2 * h + h)
+    n = sum(p.numel() for p in backbone.parameters()) + readout
     assert abs(n - expected) / expected < 0.01, (name, n)
 
 
@@ -82,8 +90,8 @@ def test_features_rotate_with_wigner_d_and_energy_is_invariant(frame):
     q = random_rotation(7)
     a = collate([frame], cutoff=TINY["cutoff"], three_body_cutoff=0.0, dtype=DT)
     b = collate([rotated(frame, q.numpy())], cutoff=TINY["cutoff"], three_body_cutoff=0.0, dtype=DT)
-    xa = model.node_features(a, a.positions, a.cell)
-    xb = model.node_features(b, b.positions, b.cell)
+    xa = model.backbone.equivariant_features(a, a.positions, a.cell)
+    xb = model.backbone.equivariant_features(b, b.positions, b.cell)
     d = WignerD(TINY["lmax"]).double()(q[None])[0]
     assert (sh_degrees(TINY["lmax"]) >= 1).any() and xa[:, 1:].abs().max() > 1e-3
     assert (xb - torch.einsum("kl,nlc->nkc", d, xa)).abs().max() < 1e-10
@@ -159,7 +167,7 @@ def test_bf16_autocast_inside_the_blocks_runs_and_stays_close_to_float32():
     model = tiny_model(5).float()
     batch = collate(cu_frames([4]), cutoff=TINY["cutoff"], three_body_cutoff=0.0)
     reference = model(batch)
-    model.config = type(model.config)(**{**model.config.__dict__, "autocast_bf16": True})
+    model.backbone.config = replace(model.backbone.config, autocast_bf16=True)
     low = model(batch)
     scale = reference["forces"].abs().max()
     assert (low["energy"] - reference["energy"]).abs().max() / reference["energy"].abs().max() < 2e-2
@@ -185,7 +193,7 @@ def test_chunked_recomputed_edge_messages_train_like_stored_ones():
     outs, grads = [], []
     for name, options in variants.items():
         model = tiny_model(7, random_roll=False, **options).train()
-        stored = model.blocks[0].conv.stored_edges(8)
+        stored = model.backbone.blocks[0].conv.stored_edges(8)
         if name == "mixed":  # the budget keeps some chunks' graphs and recomputes the others
             assert 97 <= stored < batch.num_edges - 97
         out = model(batch)
@@ -193,7 +201,7 @@ def test_chunked_recomputed_edge_messages_train_like_stored_ones():
         grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
         model.eval()
         if name == "mixed":
-            assert 97 <= model.blocks[0].conv.stored_edges(8) < batch.num_edges - 97
+            assert 97 <= model.backbone.blocks[0].conv.stored_edges(8) < batch.num_edges - 97
         outs.append({k: v.detach() for k, v in model(batch).items()})
     for other in range(1, len(variants)):
         for key in ("energy", "forces", "stress"):

@@ -18,7 +18,8 @@ from lampretrain.models.layers.mlp import GatedMLP, gather_sum
 from lampretrain.models.layers.scatter import (
     Segments, gather, scatter_max, scatter_sum, segment_max, segment_softmax, segment_sum
 )
-from lampretrain.models.matris import MatRIS, MatRISConfig
+from lampretrain.models.matris import MatRISConfig
+from lampretrain.models.multitask import MultiTaskModel
 
 REAL = Path(__file__).parent / "data" / "real"
 F64 = torch.float64
@@ -48,7 +49,7 @@ def molecule_frame(system: str = "C3H3O4") -> Frame:
     return Frame(positions=coords, numbers=[atomic_numbers[s] for s in symbols])
 
 
-def small_model(seed: int = 0, **overrides) -> MatRIS:
+def small_model(seed: int = 0, **overrides) -> MultiTaskModel:
     """A small float64 model with every parameter perturbed, so no symmetry of the initial weights hides a bug."""
     torch.manual_seed(seed)
     model = models.build("matris-10m", **{**SMALL, **overrides}).to(F64)
@@ -58,7 +59,7 @@ def small_model(seed: int = 0, **overrides) -> MatRIS:
     return model
 
 
-def run(model: MatRIS, frames, **kw):
+def run(model: MultiTaskModel, frames, **kw):
     return model(collate(frames, dtype=F64), **kw)
 
 
@@ -66,17 +67,18 @@ def test_parameter_count_of_released_sizes():
     big = models.build("matris-10m")
     trainable = sum(p.numel() for p in big.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in big.parameters() if not p.requires_grad)
-    assert (trainable, frozen) == (10_443_411, 94)
-    parts = {name: sum(p.numel() for p in child.parameters()) for name, child in big.named_children()}
+    assert (trainable, frozen) == (10_443_411, 0)  # the element references are a float64 buffer
+    parts = {name: sum(p.numel() for p in child.parameters()) for name, child in big.backbone.named_children()}
     assert parts == {
         "atom_embedding": 28_416,
         "bond_embedding": 33_934,
         "angle_embedding": 17_283,
         "blocks": 10 * 1_024_768,
         "readout_norm": 256,
-        "energy_head": 82_561,
-        "magmom_head": 33_281,
     }
+    # the released heads, as build()'s default heads: energy MLP 128-256-128 and magmom MLP 256
+    assert sum(p.numel() for p in big.energy_heads.parameters()) == 82_561
+    assert sum(p.numel() for p in big.magmom_head.parameters()) == 33_281
     four = models.build("matris-4m")
     assert sum(p.numel() for p in four.parameters() if p.requires_grad) == 10_443_411 - 6 * 1_024_768
 
@@ -194,12 +196,12 @@ def test_energy_invariances_molecule_and_force_equivariance():
     torch.testing.assert_close(out["forces"], ref["forces"] @ torch.from_numpy(rot).T, rtol=1e-8, atol=1e-10)
 
 
-def frame_energy(model: MatRIS, frame: Frame, positions: np.ndarray, cell: np.ndarray | None) -> float:
+def frame_energy(model: MultiTaskModel, frame: Frame, positions: np.ndarray, cell: np.ndarray | None) -> float:
     moved = Frame(positions=positions, numbers=frame.numbers, cell=cell, pbc=frame.pbc)
     return run(model, [moved], compute_forces=False, compute_stress=False)["energy"].item()
 
 
-def finite_difference_forces(model: MatRIS, frame: Frame, h: float = 1e-5) -> np.ndarray:
+def finite_difference_forces(model: MultiTaskModel, frame: Frame, h: float = 1e-5) -> np.ndarray:
     forces = np.zeros_like(frame.positions)
     for a in range(frame.natoms):
         for k in range(3):
@@ -313,7 +315,7 @@ def test_line_graph_checkpointing_matches_plain_with_double_backward():
     for a, b in zip(g_ckpt, g_plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
     # the last block's angle update feeds nothing, as in the official model
-    dead = f"blocks.{SMALL['num_layers'] - 1}.line_refinement.edge_"
+    dead = f"backbone.blocks.{SMALL['num_layers'] - 1}.line_refinement.edge_"
     line = [g for n, g in zip(names, g_plain) if ".line_" in n and not n.startswith(dead)]
     assert line and all(g.abs().sum() > 0 for g in line)
 
@@ -321,8 +323,8 @@ def test_line_graph_checkpointing_matches_plain_with_double_backward():
 def test_node_features_and_float32():
     model = small_model(7).float()
     batch = collate([oxide_frame(10)], dtype=torch.float32)
-    feats = model.node_features(batch, batch.positions, batch.cell)
-    assert feats.shape == (6, SMALL["atom_dim"]) and feats.dtype == torch.float32
+    feats, vectors = model.backbone.node_features(batch, batch.positions, batch.cell)
+    assert feats.shape == (6, SMALL["atom_dim"]) and feats.dtype == torch.float32 and vectors is None
     out = model(batch)
     ref = small_model(7)(collate([oxide_frame(10)], dtype=F64))
     torch.testing.assert_close(out["energy"].double(), ref["energy"], rtol=1e-5, atol=1e-5)

@@ -11,9 +11,8 @@ device and the fraction of it the step reaches.
 ``--dtype bfloat16`` runs the float32 model under autocast (matmuls in bfloat16); ``--set KEY=VALUE``
 overrides a model option (e.g. ``--set checkpoint_angles=0``).
 
-Works for any registered model that follows the backbone contract
-(``model(batch, compute_forces, compute_stress)``); the graph cutoffs come from ``model.config``
-(``cutoff`` and, for models with a line graph, ``three_body_cutoff``; 0 means no angles).
+Works for any registered backbone (``lampretrain.models.backbone.Backbone``): ``build(name)`` gives it its
+default heads, and the graph cutoffs are the backbone's (``three_body_cutoff`` 0: no angles).
 
 Peers run side by side in the same process on the same frames (``--peers auto``, the default),
 timed in alternation with ours so that a load change on a shared machine hits both: the official
@@ -45,9 +44,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lampretrain.bench.common import emit, peak_rss_mb, reset_peak_rss, skipped
 from lampretrain import malloc
 from lampretrain.bench import peers
+from lampretrain.bench.common import emit, peak_rss_mb, reset_peak_rss, skipped
 from lampretrain.frames import Frame
 from lampretrain.graph.batch import GraphBatch, collate
 from lampretrain.io import read_frames
@@ -287,7 +286,11 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
     if args.peers == "none":
         return {}, None
     if args.model.startswith("matris"):
-        from lampretrain.bench.peer_matris import build_official, make_official_step, unsupported
+        from lampretrain.bench.peer_matris import (
+            build_official,
+            make_official_step,
+            unsupported,
+        )
 
         _, reason = peers.load("matris")
         reason = reason or unsupported(frames)
@@ -295,7 +298,7 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
             reason = "--per-structure: the official MatRIS step here takes all structures as one batch"
         if reason is not None:
             return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
-        official = build_official(model.config, args.device, dtype)
+        official = build_official(model.backbone.config, args.device, dtype)
         return {peers.PEERS["matris"].name: (official, make_official_step(official, frames, args.mode, args.device))}, None
     return {}, None
 
@@ -308,7 +311,7 @@ def deepmd_line(args, model: torch.nn.Module) -> dict:
     python, reason = peers.deepmd_python(args.peer_python)
     if python is not None:
         line, reason = peers.run_deepmd(
-            python, args.structures, model.config, model=args.model, mode=args.mode, device=args.device,
+            python, args.structures, model.backbone.config, model=args.model, mode=args.mode, device=args.device,
             threads=torch.get_num_threads(), repeat=args.repeat, warmup=args.warmup, amp=args.dtype == "bfloat16",
         )
         if line is not None:

@@ -81,34 +81,21 @@ def with_new_head(model: MultiTaskModel, spec: DatasetSpec, init_from: str) -> M
 
 
 def backbone_depths(model: MultiTaskModel) -> dict[str, int]:
-    """Depth of every backbone parameter counted from the output: heads 0, last block 1, ..., embeddings L+1.
+    """Depth of every backbone parameter from the output along ``backbone.layers()``: heads 0, last block 1, ...,
+    embeddings L + 1 (L blocks).
 
-    Parameters after the blocks (readout norms) count as depth 0 with the heads.
+    Parameters outside every layer (a final norm) count as depth 0 with the heads.
     """
-    blocks = model.backbone.blocks
-    n_blocks = len(blocks)
-    depth = {}
-    for name, _ in model.backbone.named_parameters():
-        parts = name.split(".")
-        if parts[0] == "blocks":
-            depth[f"backbone.{name}"] = n_blocks - int(parts[1])
-        else:
-            after = any(name.startswith(p) for p in _after_blocks(model.backbone))
-            depth[f"backbone.{name}"] = 0 if after else n_blocks + 1
-    return depth
-
-
-def _after_blocks(backbone: torch.nn.Module) -> list[str]:
-    """Top-level backbone modules registered after ``blocks`` (their order of definition is the data flow)."""
-    names = [n for n, _ in backbone.named_children()]
-    return names[names.index("blocks") + 1 :]
+    layers = model.backbone.layers()
+    by_tensor = {id(p): len(layers) - k for k, layer in enumerate(layers) for p in layer.parameters()}
+    return {f"backbone.{name}": by_tensor.get(id(p), 0) for name, p in model.backbone.named_parameters()}
 
 
 def freeze(model: MultiTaskModel, mode: str, n_blocks: int = 0) -> list[str]:
     """Freeze the whole backbone or its embeddings and first ``n_blocks`` blocks; returns the frozen names."""
     if mode == "none":
         return []
-    total = len(model.backbone.blocks)
+    total = len(model.backbone.layers()) - 1  # after the embeddings
     if mode == "blocks" and n_blocks > total:
         raise ConfigError(f"finetune.freeze_blocks: {n_blocks} but the backbone has {total} blocks")
     depth = backbone_depths(model)

@@ -29,6 +29,7 @@ from ..config import ConfigError
 from ..model_files import read_model_file
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
+from ..models.backbone import without_retired
 from ..models.layers.mlp import MLP
 from ..models.layers.scatter import scatter_sum
 from ..models.multitask import MultiTaskConfig, MultiTaskModel
@@ -147,7 +148,7 @@ class PropertyModel(torch.nn.Module):
         super().__init__()
         self.base = base
         self.section = section
-        self.head = MLP(base.layout.channels, section.hidden, len(section.columns))
+        self.head = MLP(base.backbone.node_channels, section.hidden, len(section.columns))
         torch.nn.init.zeros_(self.head.layers[-1].weight)
         torch.nn.init.zeros_(self.head.layers[-1].bias)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
@@ -155,8 +156,7 @@ class PropertyModel(torch.nn.Module):
 
     def standardised(self, batch: GraphBatch) -> torch.Tensor:
         """MLP(pool h), the prediction in units of the training std around the training mean, (G, D)."""
-        features = self.base.backbone.node_features(batch, batch.positions, batch.cell)
-        scalar, _ = self.base.split_features(features)
+        scalar = self.base.backbone.node_features(batch, batch.positions, batch.cell).scalar
         return self.head(pool(scalar, batch, self.section.pooling))
 
     def forward(self, batch: GraphBatch) -> torch.Tensor:
@@ -176,7 +176,7 @@ class PropertyModel(torch.nn.Module):
         section = PropertySection(**ckpt["property"])
         width = len(section.columns)
         model = cls(MultiTaskModel(MultiTaskConfig.from_dict(ckpt["config"])), section, np.zeros(width), np.ones(width))
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(without_retired(ckpt["state_dict"], model.base.backbone, "base.backbone."))
         return model
 
 

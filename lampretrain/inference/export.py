@@ -148,10 +148,9 @@ def export_model(
         with fx_config.patch(backed_size_oblivious=True):
             return torch.export.export(traced, inputs, dynamic_shapes=dynamic_shapes(inputs), strict=False)
     except torch._dynamo.exc.UserError as err:
-        backbone = type(getattr(model, "backbone", model)).__name__
         raise RuntimeError(
-            f"export: {backbone} fixes an atom/edge/angle/graph count while tracing (a Python int() of a tensor "
-            f"size, or a shape that depends on tensor values, in its code), so the program would only run at the "
+            f"export: the backbone ({model.config.backbone}) fixes an atom/edge/angle/graph count while tracing (a "
+            f"Python int() of a tensor size, or a shape that depends on tensor values, in its code), so the program would only run at the "
             f"traced sizes:\n{err}"
         ) from None
 

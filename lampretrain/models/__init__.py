@@ -1,7 +1,8 @@
-"""Backbones with default heads, built by name.
+"""Backbones built by name, bare or with default heads.
 
-Each family package (``matris``, ``dpa4``) registers its named sizes with
-:func:`register`; :func:`build` imports the family on first use.
+Each family package (``matris``, ``dpa4``) registers its named sizes with :func:`register`;
+:func:`build_backbone` imports the family on first use. What a backbone provides is
+:class:`~lampretrain.models.backbone.Backbone`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from typing import Callable
 
 import torch
 
+from .backbone import Backbone, check
+
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
 _CONFIGS: dict[str, Callable[..., object]] = {}
 
 
 def register(name: str, configure: Callable[..., object]):
-    """Decorator: ``@register("matris-10m", configure)`` on a function ``(**overrides) -> nn.Module``.
+    """Decorator: ``@register("matris-10m", configure)`` on a function ``(**overrides) -> Backbone``.
 
     ``configure(**overrides)`` returns the backbone's config without building weights, raising
     ``ValueError`` for an unknown or out-of-range option, so a recipe is checked before any model exists.
@@ -48,10 +51,20 @@ def _registered(name: str) -> None:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(available())}")
 
 
-def build(name: str, **overrides) -> torch.nn.Module:
-    """A backbone with default heads and random weights, e.g. ``build("matris-10m")``."""
+def build_backbone(name: str, **overrides) -> Backbone:
+    """The registered backbone ``name`` with random weights; ``TypeError`` if it breaks the contract."""
     _registered(name)
-    return _BUILDERS[name](**overrides)
+    return check(_BUILDERS[name](**overrides))
+
+
+def build(name: str, **overrides) -> torch.nn.Module:
+    """A backbone with its default heads and random weights, e.g. ``build("matris-10m")``: a one-dataset
+    (``"default"``) :class:`~lampretrain.models.multitask.MultiTaskModel`, ``model(batch)`` → energy, forces, stress."""
+    from .multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel  # multitask builds on this module
+
+    backbone = build_backbone(name, **overrides)
+    config = MultiTaskConfig(name, [DatasetSpec("default")], HeadsConfig.from_dict(backbone.default_heads), dict(overrides))
+    return MultiTaskModel(config, backbone)
 
 
 def configure(name: str, **overrides) -> object:
@@ -61,7 +74,6 @@ def configure(name: str, **overrides) -> object:
 
 
 def graph_cutoffs(model: torch.nn.Module) -> tuple[float, float]:
-    """(pair cutoff, three-body cutoff) in Å that the model's graphs must be built with."""
-    backbone = getattr(model, "backbone", model)
-    config = getattr(backbone, "config", None)
-    return float(getattr(config, "cutoff", 6.0)), float(getattr(config, "three_body_cutoff", 0.0))
+    """(pair cutoff, three-body cutoff) in Å that the graphs of ``model`` (built on ``model.backbone``) need."""
+    backbone: Backbone = model.backbone
+    return float(backbone.cutoff), float(backbone.three_body_cutoff)

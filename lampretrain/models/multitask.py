@@ -23,7 +23,8 @@ import torch
 from ..config import ConfigError, from_dict
 from ..graph.batch import GraphBatch, edge_vectors
 from ..model_files import read_model_file
-from . import build
+from . import build_backbone
+from .backbone import Backbone, without_retired
 from .conservative import energy_forces_stress
 from .heads import (
     Corruption,
@@ -34,7 +35,6 @@ from .heads import (
     EquivariantVectorHead,
     VectorCondition,
     clamp_to_median,
-    l1_cartesian,
     reference_table,
     sample_corruption,
 )
@@ -133,54 +133,32 @@ class MultiTaskConfig:
         return [d.name for d in self.datasets]
 
 
-@dataclass(frozen=True)
-class BackboneLayout:
-    channels: int  # width of the invariant (l = 0) node features
-    equivariant: bool  # node_features → (N, (L+1)², C) with a degree-1 block
-    cutoff: float
-    own_readouts: tuple[str, ...]  # the backbone's single-task heads, frozen here (the multi-task heads replace them)
-
-
-def backbone_layout(backbone: torch.nn.Module) -> BackboneLayout:
-    """What the heads need to know about a backbone's ``node_features``."""
-    kind = type(backbone).__name__
-    if kind == "MatRIS":
-        cfg = backbone.config
-        return BackboneLayout(cfg.atom_dim, False, cfg.cutoff, ("energy_head", "magmom_head"))
-    if kind == "DPA4":
-        cfg = backbone.config
-        return BackboneLayout(cfg.channels, True, cfg.cutoff, ("readout",))
-    raise ValueError(f"multi-task heads: unsupported backbone {kind}; supported: MatRIS, DPA4")
-
-
 class MultiTaskModel(torch.nn.Module):
     """Backbone + per-dataset energy heads and references (+ direct-force, magmom, denoising heads)."""
 
-    def __init__(self, config: MultiTaskConfig, backbone: torch.nn.Module | None = None):
+    def __init__(self, config: MultiTaskConfig, backbone: Backbone | None = None):
         super().__init__()
         self.config = config
         heads = config.heads
-        self.backbone = backbone if backbone is not None else build(config.backbone, **config.backbone_options)
-        self.layout = layout = backbone_layout(self.backbone)
-        for name in layout.own_readouts:
-            getattr(self.backbone, name).requires_grad_(False)
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, **config.backbone_options)
+        channels = self.backbone.node_channels
         n = len(config.datasets)
         force_rms = torch.tensor([d.force_rms for d in config.datasets], dtype=torch.float64)
         scales = clamp_to_median(force_rms, 10.0) if heads.output_scale == "force_rms" else torch.ones(n)
-        self.energy_heads = EnergyHeads(layout.channels, heads.hidden, scales, heads.per_dataset)
+        self.energy_heads = EnergyHeads(channels, heads.hidden, scales, heads.per_dataset)
         self.references = ElementReferences(
             reference_table([d.element_references for d in config.datasets]), heads.trainable_references
         )
-        self.magmom_head = MLP(layout.channels, [heads.vector_hidden], 1) if heads.magmoms else None
+        self.magmom_head = MLP(channels, [heads.vector_hidden], 1) if heads.magmoms else None
         wants_direct = heads.direct_force_head or heads.force_mode == "direct"
         self.force_head = self._vector_head(None) if wants_direct else None
         self.denoise_head = self._vector_head(heads.denoising.std) if heads.denoising.enabled else None
 
     def _vector_head(self, sigma_ref: float | None) -> torch.nn.Module:
-        lay, hidden = self.layout, self.config.heads.vector_hidden
-        if lay.equivariant:
-            return EquivariantVectorHead(lay.channels, hidden, sigma_ref)
-        return EdgeVectorHead(lay.channels, hidden, lay.cutoff, sigma_ref=sigma_ref)
+        backbone, hidden = self.backbone, self.config.heads.vector_hidden
+        if backbone.vector_channels:
+            return EquivariantVectorHead(backbone.node_channels, hidden, sigma_ref, backbone.vector_channels)
+        return EdgeVectorHead(backbone.node_channels, hidden, backbone.cutoff, sigma_ref=sigma_ref)
 
     @property
     def dataset_names(self) -> list[str]:
@@ -208,12 +186,6 @@ class MultiTaskModel(torch.nn.Module):
         """The batch with every graph assigned to dataset ``name`` (its head and references)."""
         return replace(batch, dataset=torch.full_like(batch.dataset, self.dataset_index(name)))
 
-    def split_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Backbone node features → invariant (N, C) and Cartesian degree-1 (N, 3, C) or None."""
-        if self.layout.equivariant:
-            return features[:, 0], l1_cartesian(features)
-        return features, None
-
     def graph_energy(self, batch: GraphBatch, scalar: torch.Tensor) -> torch.Tensor:
         """E_g = Σ_i head_{k(g)}(h_i) + Σ_i ref_{k(g)}(Z_i), (G,); the reference sum in float64."""
         g = batch.n_atoms.shape[0]
@@ -223,13 +195,12 @@ class MultiTaskModel(torch.nn.Module):
         return (learned.to(torch.float64) + reference).to(scalar.dtype)
 
     def energy(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        scalar, _ = self.split_features(self.backbone.node_features(batch, positions, cell))
-        return self.graph_energy(batch, scalar)
+        return self.graph_energy(batch, self.backbone.node_features(batch, positions, cell).scalar)
 
     def _vectors(
         self, head: torch.nn.Module, batch: GraphBatch, seen: dict[str, torch.Tensor], cond: VectorCondition | None
     ) -> torch.Tensor:
-        if self.layout.equivariant:
+        if self.backbone.vector_channels:
             return head(seen["scalar"], seen["vector"], cond)
         vectors = edge_vectors(seen["positions"], seen["cell"], batch)
         return head(seen["scalar"], batch.edge_index, vectors, cond)
@@ -260,7 +231,7 @@ class MultiTaskModel(torch.nn.Module):
         seen: dict[str, torch.Tensor] = {}
 
         def energy_fn(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-            scalar, vector = self.split_features(self.backbone.node_features(batch, positions, cell))
+            scalar, vector = self.backbone.node_features(batch, positions, cell)
             seen.update(scalar=scalar, vector=vector, positions=positions, cell=cell)
             return self.graph_energy(batch, scalar)
 
@@ -293,5 +264,6 @@ class MultiTaskModel(torch.nn.Module):
         """Rebuild from :meth:`save`'s file (read with ``weights_only=True``) or :meth:`checkpoint`'s dict."""
         ckpt = source if isinstance(source, Mapping) else read_model_file(source, ("config", "state_dict"), map_location)
         model = cls(MultiTaskConfig.from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"], assign=True)  # keeps the saved dtypes (float64 references)
+        state = without_retired(ckpt["state_dict"], model.backbone)  # files written before the change load
+        model.load_state_dict(state, assign=True)  # keeps the saved dtypes (float64 references)
         return model

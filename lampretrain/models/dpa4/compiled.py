@@ -22,9 +22,9 @@ from torch import nn
 from ...graph.batch import GraphBatch
 from ..conservative import strained
 
-_INPUTS = ("positions", "numbers", "batch", "cell", "pbc", "n_atoms", "edge_index", "edge_shift")
+_INPUTS = ("positions", "numbers", "batch", "cell", "pbc", "n_atoms", "edge_index", "edge_shift", "dataset")
 _DYNAMIC = {"positions": (0,), "numbers": (0,), "batch": (0,), "cell": (0,), "pbc": (0,), "n_atoms": (0,),
-            "edge_index": (1,), "edge_shift": (0,)}
+            "edge_index": (1,), "edge_shift": (0,), "dataset": (0,)}
 
 
 def conservative_outputs(model: nn.Module, compute_stress: bool, *tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,6 +54,8 @@ def conservative_outputs(model: nn.Module, compute_stress: bool, *tensors: torch
 
 class CompiledConservative:
     """``CompiledConservative(model)(batch)`` → dict like ``model(batch)``, from one compiled graph.
+
+    ``model``: a :class:`~lampretrain.models.multitask.MultiTaskModel` (its ``energy(batch, positions, cell)``).
 
     Differentiable in the parameters in training mode (a force/stress loss trains through it).
     ``backend``: any ``torch.compile`` backend ("inductor" for speed, "aot_eager" to check tracing).

@@ -1,23 +1,31 @@
-"""The DPA4 backbone with a scalar energy readout: E = Σ_i ε_i, F = −∂E/∂x, σ = (1/V) ∂E/∂ε."""
+"""The DPA4 backbone: equivariant node features (N, (L+1)², C) after the interaction blocks."""
 
 from __future__ import annotations
 
 import contextlib
+from types import MappingProxyType
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ...graph.batch import GraphBatch, edge_vectors
-from ..conservative import energy_forces_stress
-from ..layers.scatter import scatter_sum
+from ..backbone import NodeFeatures
 from .block import InteractionBlock
 from .config import DPA4Config
 from .embedding import EnvironmentSeed, RadialMLP, geometric_embedding
 from .geometry import EdgeGeometry
-from .readout import EnergyReadout
 
 
 class DPA4(nn.Module):
+    """SE(3)-equivariant backbone (a :class:`~lampretrain.models.backbone.Backbone`): its heads read the
+    degree-0 block as scalars and the degree-1 block as Cartesian vectors."""
+
+    three_body_cutoff = 0.0
+    default_heads = MappingProxyType({})  # HeadsConfig's defaults
+    # the single-task energy readout of checkpoints written before the multi-task heads took its place
+    retired_keys = ("readout",)
+
     def __init__(self, cfg: DPA4Config):
         super().__init__()
         self.config = cfg
@@ -28,16 +36,39 @@ class DPA4(nn.Module):
         self.radial = RadialMLP(cfg)
         self.env_seed = EnvironmentSeed(cfg) if cfg.env_seed else None
         self.blocks = nn.ModuleList(InteractionBlock(cfg) for _ in range(cfg.n_blocks))
-        self.readout = EnergyReadout(c, cfg.ffn_channels, cfg.n_elements)
 
-    def species(self, batch: GraphBatch) -> torch.Tensor:
-        """Element index Z − 1 of every atom."""
-        return batch.numbers - 1
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
 
-    def node_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    @property
+    def node_channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def vector_channels(self) -> int:
+        return self.config.channels
+
+    def layers(self) -> list[nn.Module]:
+        embeddings = [self.geometry, self.type_embedding, self.radial, *([self.env_seed] if self.env_seed else [])]
+        return [nn.ModuleList(embeddings), *self.blocks]
+
+    def node_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> NodeFeatures:
+        """Degree 0 of :meth:`equivariant_features` (N, C) and degree 1 as Cartesian (x, y, z) vectors (N, 3, C)."""
+        x = self.equivariant_features(batch, positions, cell)
+        # packing ι(l, m) = l² + l + m puts (m = −1, 0, 1) ↦ (y, z, x) at indices 1, 2, 3
+        return NodeFeatures(x[:, 0], x[:, [3, 1, 2]])
+
+    def equivariant_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Equivariant node features (N, (L+1)², C) after the last block; degree l ≥ 1 turns with D^l."""
         cfg = self.config
-        species = self.species(batch)
+        # eager inference only: the check reads the numbers on the host, which a training step must not wait
+        # for and a traced (export, compile) program cannot do
+        if not (self.training or torch.compiler.is_compiling() or is_fake(batch.numbers)) and batch.numbers.numel():
+            low, high = int(batch.numbers.min()), int(batch.numbers.max())
+            if low < 1 or high > cfg.n_elements:
+                raise ValueError(f"DPA4: atomic numbers must lie in 1..{cfg.n_elements}, got {low}..{high}")
+        species = batch.numbers - 1
         n = positions.shape[0]
         geo = self.geometry(
             edge_vectors(positions, cell, batch), batch.edge_index, n, roll=self.training and cfg.random_roll
@@ -56,26 +87,3 @@ class DPA4(nn.Module):
             for block in self.blocks:
                 x = block(x, geo, radial)
         return x.to(positions.dtype)
-
-    def energy(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """Total energy per graph (G,)."""
-        x = self.node_features(batch, positions, cell)
-        atomic = self.readout(x[:, 0], self.species(batch))
-        return scatter_sum(atomic, batch.batch, batch.n_atoms.shape[0])
-
-    def forward(
-        self, batch: GraphBatch, compute_forces: bool = True, compute_stress: bool = True
-    ) -> dict[str, torch.Tensor]:
-        """energy (G,), forces (N, 3), stress (G, 3, 3); differentiable (create_graph) in training mode."""
-        if batch.numbers.numel() and (int(batch.numbers.min()) < 1 or int(batch.numbers.max()) > self.config.n_elements):
-            raise ValueError(
-                f"DPA4: atomic numbers must lie in 1..{self.config.n_elements}, "
-                f"got {int(batch.numbers.min())}..{int(batch.numbers.max())}"
-            )
-        return energy_forces_stress(
-            lambda positions, cell: self.energy(batch, positions, cell),
-            batch,
-            compute_forces=compute_forces,
-            compute_stress=compute_stress,
-            create_graph=self.training,
-        )

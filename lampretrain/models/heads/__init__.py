@@ -2,7 +2,7 @@
 
 from .denoising import Corruption, DenoisingConfig, sample_corruption
 from .energy import ElementReferences, EnergyHeads, StackedMLP, clamp_to_median, reference_table, select_head
-from .vector import EdgeVectorHead, EquivariantVectorHead, VectorCondition, l1_cartesian
+from .vector import EdgeVectorHead, EquivariantVectorHead, VectorCondition
 
 __all__ = [
     "Corruption",
@@ -14,7 +14,6 @@ __all__ = [
     "StackedMLP",
     "VectorCondition",
     "clamp_to_median",
-    "l1_cartesian",
     "reference_table",
     "sample_corruption",
     "select_head",

@@ -2,7 +2,7 @@
 
 Two ways to get a vector per atom from a backbone:
 
-* equivariant features (DPA4): the degree-1 block of x (N, (L+1)², C) turns with R,
+* equivariant features (DPA4): a Cartesian degree-1 block x¹ (N, 3, C) turns with R,
   so any channel mix gated by invariant scalars is a vector: v_i = Σ_h (x¹_i W)_h g_h(x⁰_i);
 * invariant features (MatRIS): v_i = Σ_j w_ij r̂_ij with w_ij an MLP of invariants
   (h_i, h_j, φ(r_ij)), smooth at the cutoff; invariant weights times unit vectors rotate with R.
@@ -35,14 +35,6 @@ class VectorCondition:
     force: torch.Tensor
 
 
-def l1_cartesian(x: torch.Tensor) -> torch.Tensor:
-    """Degree-1 block of packed real SH features (N, D, C) as Cartesian (N, 3, C).
-
-    Packing ι(l, m) = l² + l + m puts (m = −1, 0, 1) ↦ (y, z, x) at indices 1, 2, 3.
-    """
-    return x[:, [3, 1, 2]]
-
-
 def gaussian_smearing(values: torch.Tensor, n: int, vmax: float) -> torch.Tensor:
     """exp(−(v − μ_k)² / 2δ²) on n centres μ_k evenly spaced in [0, vmax], δ their spacing: (...,) → (..., n)."""
     centres = torch.linspace(0.0, vmax, n, device=values.device, dtype=values.dtype)
@@ -71,19 +63,20 @@ class ConditionScalars(torch.nn.Module):
 class EquivariantVectorHead(torch.nn.Module):
     """v_i = Σ_h (x¹_i W)_h · g_h(x⁰_i) from equivariant features, (N, 3)."""
 
-    def __init__(self, channels: int, hidden: int, sigma_ref: float | None = None):
+    def __init__(self, channels: int, hidden: int, sigma_ref: float | None = None, vector_channels: int | None = None):
         super().__init__()
-        self.mix = torch.nn.Linear(channels, hidden, bias=False)  # a bias would break equivariance
+        vector_channels = vector_channels or channels
+        self.mix = torch.nn.Linear(vector_channels, hidden, bias=False)  # a bias would break equivariance
         self.gate = torch.nn.Sequential(
             torch.nn.Linear(channels, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden)
         )
         self.condition = ConditionScalars(channels, sigma_ref) if sigma_ref else None
-        self.force_scale = torch.nn.Linear(N_SMEAR, channels) if sigma_ref else None
+        self.force_scale = torch.nn.Linear(N_SMEAR, vector_channels) if sigma_ref else None
 
     def forward(
         self, scalar: torch.Tensor, vector: torch.Tensor, cond: VectorCondition | None = None
     ) -> torch.Tensor:
-        """scalar (N, C), vector (N, 3, C) Cartesian → (N, 3)."""
+        """scalar (N, C), vector (N, 3, C_v) Cartesian → (N, 3)."""
         if cond is not None and self.condition is not None:
             scalar = scalar + self.condition(cond)
             vector = vector + cond.force[:, :, None] * self.force_scale(self.condition.magnitude_basis(cond.force))[:, None]

@@ -1,4 +1,4 @@
-"""The MatRIS model: embeddings, interaction blocks, readout and conservative forces/stress."""
+"""The MatRIS backbone: embeddings, interaction blocks, the readout norm."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ...graph.batch import GraphBatch, edge_vectors
-from ..conservative import energy_forces_stress
-from ..layers.mlp import MLP
+from ..backbone import NodeFeatures
 from ..layers.norms import make_norm
-from ..layers.scatter import scatter_sum
 from .block import InteractionBlock
 from .config import MatRISConfig
 from .embedding import AngleEmbedding, AtomEmbedding, BondEmbedding
@@ -17,12 +15,16 @@ from .topology import topology
 
 
 class MatRIS(torch.nn.Module):
-    """Invariant three-body attention backbone with an energy head, a magmom head and element references.
+    """Invariant three-body attention backbone (a :class:`~lampretrain.models.backbone.Backbone`).
 
-    E_g = Σ_{i∈g} [MLP(LN(h_i)) + ref(Z_i)] (extensive; the official model divides by N
-    and adds the reference per atom, which is the same energy per atom);
-    m_i = |MLP(LN(h_i))|. ``atom_ref`` is frozen: the trainer fits it to data.
+    The released model's energy head MLP(LN(h_i)) and magmom head |MLP(LN(h_i))| are the multi-task
+    model's heads at ``default_heads`` (its energy is extensive; the official model divides by N and adds
+    the reference per atom, which is the same energy per atom).
     """
+
+    vector_channels = 0
+    # single-task heads and references of checkpoints written before the multi-task heads took their place
+    retired_keys = ("energy_head", "magmom_head", "atom_ref")
 
     def __init__(self, config: MatRISConfig | None = None):
         super().__init__()
@@ -35,12 +37,29 @@ class MatRIS(torch.nn.Module):
         self.angle_embedding = AngleEmbedding(cfg.num_angular, cfg.angle_dim)
         self.blocks = torch.nn.ModuleList(InteractionBlock(cfg) for _ in range(cfg.num_layers))
         self.readout_norm = make_norm(cfg.norm, cfg.atom_dim)
-        self.energy_head = MLP(cfg.atom_dim, cfg.readout_hidden, 1)
-        self.magmom_head = MLP(cfg.atom_dim, [cfg.magmom_hidden], 1)
-        self.atom_ref = torch.nn.Parameter(torch.zeros(cfg.num_elements), requires_grad=False)
 
-    def node_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """Normalised atom features LN(h) after the last block, (N, atom_dim)."""
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
+
+    @property
+    def three_body_cutoff(self) -> float:
+        return self.config.three_body_cutoff
+
+    @property
+    def node_channels(self) -> int:
+        return self.config.atom_dim
+
+    @property
+    def default_heads(self) -> dict:
+        return {"hidden": self.config.readout_hidden, "magmoms": True, "vector_hidden": self.config.magmom_hidden}
+
+    def layers(self) -> list[torch.nn.Module]:
+        embeddings = torch.nn.ModuleList([self.atom_embedding, self.bond_embedding, self.angle_embedding])
+        return [embeddings, *self.blocks]
+
+    def node_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> NodeFeatures:
+        """Normalised atom features LN(h) after the last block, (N, atom_dim); no vector features."""
         topo = topology(batch)
         vec = edge_vectors(positions, cell, batch)  # (E, 3)
         length = vec.norm(dim=-1)  # (E,)
@@ -61,30 +80,4 @@ class MatRIS(torch.nn.Module):
         )
         for block in self.blocks:
             h, e, t = block(h, e, t, rbf_pair, rbf_3b, topo, recompute)
-        return self.readout_norm(h)
-
-    def atom_energies(self, batch: GraphBatch, features: torch.Tensor) -> torch.Tensor:
-        """Per-atom energies (N,) from node features, element reference included."""
-        return self.energy_head(features).squeeze(-1) + self.atom_ref[batch.numbers - 1]
-
-    def energy(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """Total energy per graph (G,) in eV."""
-        features = self.node_features(batch, positions, cell)
-        return scatter_sum(self.atom_energies(batch, features), batch.batch, batch.num_graphs)
-
-    def forward(
-        self, batch: GraphBatch, compute_forces: bool = True, compute_stress: bool = True
-    ) -> dict[str, torch.Tensor]:
-        """energy (G,), forces (N, 3), stress (G, 3, 3) ASE sign, magmoms (N,)."""
-        features: list[torch.Tensor] = []
-
-        def energy_fn(positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-            x = self.node_features(batch, positions, cell)
-            features.append(x)
-            return scatter_sum(self.atom_energies(batch, x), batch.batch, batch.num_graphs)
-
-        out = energy_forces_stress(
-            energy_fn, batch, compute_forces, compute_stress, create_graph=self.training
-        )
-        out["magmoms"] = self.magmom_head(features[0]).squeeze(-1).abs()
-        return out
+        return NodeFeatures(self.readout_norm(h), None)

@@ -7,6 +7,7 @@ fixtures prepared with the same ``prep`` pipeline.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 from lampretrain.finetune import finetune, parse_finetune
 from lampretrain.train.references import energy_errors, store_batches
 from lampretrain.finetune.lora import LoRALinear, add_lora, fold_lora
-from lampretrain.finetune.model import freeze, load_pretrained, lr_scales
+from lampretrain.finetune.model import freeze, lr_scales
+from lampretrain.inference.loading import load_model
+from lampretrain.models import graph_cutoffs
 from lampretrain.models.multitask import MultiTaskModel
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import pretrain
@@ -60,7 +63,7 @@ def ft_recipe(pre: dict, store: Path, name: str, steps: int, **finetune) -> dict
 
 
 def mae(model: MultiTaskModel, store: Path, data_name: str, head: str) -> float:
-    batches = store_batches(str(store), {data_name: 0}, "train", 32)
+    batches = store_batches(str(store), {data_name: 0}, "train", 32, cutoffs=graph_cutoffs(model))
     return energy_errors(model, (model.for_dataset(b, head) for b in batches)).energy_per_atom_mae
 
 
@@ -93,7 +96,7 @@ def test_shipped_finetune_recipes_validate(pretrained, path):
 
 def test_loaded_checkpoint_reproduces_the_pretrained_model(pretrained):
     """The DCP model equals the trainer's final weights: its train-window energy MAE matches a fresh evaluation."""
-    model = load_pretrained(pretrained["checkpoint"])
+    model = load_model(pretrained["checkpoint"])
     assert model.dataset_names == ["mp_pbeu", "oxides_pbe"]
     assert model.references.table.dtype == torch.float64
     feo = mae(model, pretrained["store"], "mp_pbeu", "mp_pbeu")
@@ -102,7 +105,7 @@ def test_loaded_checkpoint_reproduces_the_pretrained_model(pretrained):
 
 def test_step0_error_after_change_bias_is_no_worse_than_pretrained(pretrained):
     """Existing head kept (FeO on mp_pbeu) and a new head copied from oxides_pbe (Al r2SCAN): refit before step 0."""
-    pre = load_pretrained(pretrained["checkpoint"])
+    pre = load_model(pretrained["checkpoint"])
     kept = parse_finetune(ft_recipe(pretrained, pretrained["feo"], "ft-kept", 1, head="mp_pbeu"), pretrained["checkpoint"])
     result = finetune(kept, max_steps=1)
     base = mae(pre, pretrained["feo"], "feo", "mp_pbeu")
@@ -124,7 +127,7 @@ def test_step0_error_after_change_bias_is_no_worse_than_pretrained(pretrained):
 
 
 def test_freeze_and_layerwise_decay(pretrained):
-    model = load_pretrained(pretrained["checkpoint"])
+    model = load_model(pretrained["checkpoint"])
     frozen = freeze(model, "blocks", 1)
     assert any(n.startswith("backbone.blocks.0.") for n in frozen)
     assert not any(n.startswith("backbone.blocks.1.") for n in frozen)
@@ -135,14 +138,14 @@ def test_freeze_and_layerwise_decay(pretrained):
                   else next(n for n in scales if n.startswith("backbone.blocks.1."))] == 0.5
     assert scales[next(n for n in scales if n.startswith("backbone.blocks.0."))] == 0.25
     assert scales[next(n for n in scales if n.startswith("backbone.atom_embedding"))] == 0.125
-    whole = load_pretrained(pretrained["checkpoint"])
+    whole = load_model(pretrained["checkpoint"])
     freeze(whole, "backbone")
     assert not any(p.requires_grad for p in whole.backbone.parameters())
 
 
 def test_lora_starts_at_the_pretrained_model_and_folds_back_exactly(pretrained):
-    model = load_pretrained(pretrained["checkpoint"])
-    batch = next(store_batches(str(pretrained["feo"]), {"feo": 0}, "train", 32))
+    model = load_model(pretrained["checkpoint"])
+    batch = next(store_batches(str(pretrained["feo"]), {"feo": 0}, "train", 32, cutoffs=graph_cutoffs(model)))
     before = model(batch, dataset="mp_pbeu")["energy"].detach()
     assert add_lora(model.backbone, rank=2, alpha=4.0) > 0
     assert torch.allclose(model(batch, dataset="mp_pbeu")["energy"].detach(), before)
@@ -157,9 +160,42 @@ def test_lora_starts_at_the_pretrained_model_and_folds_back_exactly(pretrained):
     assert torch.allclose(model(batch, dataset="mp_pbeu")["energy"].detach(), adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [0, 2])
+def test_export_is_the_final_checkpoints_ema_model(pretrained, lora):
+    """With train.ema_decay the exported model holds the run's moving average, read whole from the final
+    checkpoint (adapters folded in), not the live module's raw weights."""
+    from lampretrain.train import checkpoint as ckpt
+
+    data = ft_recipe(pretrained, pretrained["feo"], f"ft-ema-{lora}", 3, head="mp_pbeu", lora={"rank": lora, "alpha": 4.0})
+    data["train"]["ema_decay"] = 0.9
+    result = finetune(parse_finetune(data, pretrained["checkpoint"]))
+    exported = MultiTaskModel.load(result.exported)
+    trained = copy.deepcopy(exported)  # the module as it trained: adapters unfolded
+    if lora:
+        add_lora(trained.backbone, lora, 4.0)
+    params = dict(trained.named_parameters())
+    saved = ckpt.read_metadata(result.run.checkpoint).state_dict_metadata
+    tensors = {"model": {n: torch.empty_like(p) for n, p in params.items()},
+               "ema": {n: torch.empty_like(p) for n, p in params.items() if f"ema.{n}" in saved}}
+    ckpt.load(result.run.checkpoint, tensors)
+    ema, raw = tensors["ema"], tensors["model"]
+    changed = [n for n in ema if not torch.equal(ema[n], raw[n])]
+    assert any(n.startswith("energy_heads") for n in changed), changed  # the average lags the trained weights
+    if lora:
+        assert any(n.endswith("lora_b") for n in changed)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ema.get(n, raw[n]))  # a parameter the run did not train is not averaged
+    fold_lora(trained.backbone)
+    expected = dict(trained.named_parameters())
+    assert expected.keys() == dict(exported.named_parameters()).keys()
+    for n, p in exported.named_parameters():
+        assert torch.equal(p, expected[n]), n
+
+
 def test_replay_limits_forgetting_on_a_pretraining_dataset(pretrained):
     """Fine-tune hard on Al (new head, lr 1e-2): FeO (PBE+U) error rises less with it replayed on its own head."""
-    pre = load_pretrained(pretrained["checkpoint"])
+    pre = load_model(pretrained["checkpoint"])
     start = mae(pre, pretrained["store"], "mp_pbeu", "mp_pbeu")
     rises = {}
     for ratio in (0.0, 0.5):
@@ -196,7 +232,6 @@ def test_change_bias_command_refits_every_head_and_saves_a_model_that_reproduces
     model loads with the shifted references and predicts what the refit model in memory predicts."""
     from lampretrain.cli import main
     from lampretrain.train.references import refit_store_references
-    from lampretrain.inference.loading import load_model
 
     model = load_model(pretrained["checkpoint"])
     refits = refit_store_references(model, str(pretrained["store"]))

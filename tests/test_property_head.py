@@ -18,15 +18,18 @@ from lampretrain.config import ConfigError
 from lampretrain.finetune import finetune, load_finetune, parse_finetune
 from lampretrain.finetune.property import PropertyModel, PropertyReport, property_set, read_targets
 from lampretrain.graph.datasets import LmdbFrameDataset
+from lampretrain.models import graph_cutoffs
+from lampretrain.neighbors import graph_counts, neighbor_list
 from lampretrain.recipe import parse_recipe
 from lampretrain.store.index import StoreIndex
 from lampretrain.train import pretrain
 
-from finetune_support import OXIDES, REPO, make_store, oxides_slice, tiny_recipe
+from finetune_support import OXIDES, REPO, SMALL_GRAPHS, make_store, oxides_slice, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 COLUMNS = ["energy_per_atom", "volume_per_atom"]
+CUTOFFS = (SMALL_GRAPHS["cutoff"], SMALL_GRAPHS["three_body_cutoff"])  # the pretrained backbone's
 
 
 def write_targets(store: Path, path: Path) -> dict[str, np.ndarray]:
@@ -57,7 +60,8 @@ def setup(tmp_path_factory) -> dict:
     recipe["tracking"] = {"enabled": False}
     result = pretrain(parse_recipe(recipe))
     table = write_targets(store, root / "targets.csv")
-    return {"root": root, "store": store, "checkpoint": result.checkpoint, "csv": root / "targets.csv", "table": table}
+    return {"root": root, "oxides": oxides, "store": store, "checkpoint": result.checkpoint, "csv": root / "targets.csv",
+            "table": table}
 
 
 def prop_recipe(s: dict, name: str, steps: int, **prop) -> dict:
@@ -96,7 +100,7 @@ def test_property_section_is_validated(setup):
 def test_frames_are_matched_by_content_hash_and_by_source(setup):
     index = StoreIndex.open(setup["store"])
     recipe = parse_finetune(prop_recipe(setup, "m", 1), setup["checkpoint"])
-    by_hash = property_set(index, "train", setup["table"], recipe.property, None, None)
+    by_hash = property_set(index, "train", setup["table"], recipe.property, None, None, CUTOFFS)
     assert len(by_hash) == index.rows("train").size  # every training frame has a row
     frames = LmdbFrameDataset.from_index(index, "train")
     first = frames[int(by_hash.items[0])]
@@ -104,7 +108,7 @@ def test_frames_are_matched_by_content_hash_and_by_source(setup):
     assert by_hash.targets[0] == pytest.approx([first.energy / first.natoms, volume])
     sources = {frames[k].source: np.array([float(k)]) for k in range(3)}
     recipe.property.key, recipe.property.columns = "source", ["k"]
-    by_source = property_set(index, "train", sources, recipe.property, None, None)
+    by_source = property_set(index, "train", sources, recipe.property, None, None, CUTOFFS)
     assert by_source.targets[:, 0].tolist() == [0.0, 1.0, 2.0]
 
 
@@ -125,10 +129,44 @@ def test_property_head_learns_a_target_derived_from_the_fixtures(setup):
     assert model.section.columns == COLUMNS
     index = StoreIndex.open(setup["store"])
     recipe = parse_finetune(data, setup["checkpoint"])
-    batch, _ = next(property_set(index, "train", setup["table"], recipe.property, None, None).batches(4))
+    batch, _ = next(property_set(index, "train", setup["table"], recipe.property, None, None,
+                                graph_cutoffs(model.base)).batches(4))
     with torch.no_grad():
         again = model(batch)
     assert again.shape == (4, 2) and torch.isfinite(again).all()
+
+
+def test_property_head_gets_graphs_at_the_backbones_cutoffs_not_the_stores(setup, monkeypatch):
+    """The same frames prepared at wider cutoffs than the backbone's (5/3.5 Å vs 4/3 Å): every batch the head
+    sees, in training and evaluation, has the edges and angles of a neighbour search at the backbone's cutoffs."""
+    wide = make_store(setup["root"] / "wide", [{"path": str(setup["oxides"]), "dataset": "oxides_pbe"}],
+                      graphs={"cutoff": 5.0, "three_body_cutoff": 3.5})
+    seen = []
+    standardised = PropertyModel.standardised
+
+    def recording(self, batch):
+        seen.append(batch)
+        return standardised(self, batch)
+
+    monkeypatch.setattr(PropertyModel, "standardised", recording)
+    data = prop_recipe(setup, "wide", 2)
+    data["data"]["store"] = str(wide)
+    finetune(parse_finetune(data, setup["checkpoint"]))
+    assert len(seen) >= 3  # step-0 evaluation, two training steps, the final evaluation
+
+    def counts(batch, cutoff, three_body):
+        total = np.zeros(2, dtype=np.int64)
+        for g in range(batch.num_graphs):
+            atoms = (batch.batch == g).numpy()
+            cell, pbc = batch.cell[g].numpy(), batch.pbc[g].numpy()
+            nl = neighbor_list(batch.positions[atoms].numpy(), cell, pbc, max(cutoff, three_body))
+            total += graph_counts(nl, int(atoms.sum()), cutoff, three_body)
+        return total.tolist()
+
+    for batch in seen:
+        got = [batch.num_edges, batch.num_angles]
+        assert got == counts(batch, *CUTOFFS)
+        assert got != counts(batch, 5.0, 3.5)  # what the store's cutoffs would give: the check can fail
 
 
 def test_shipped_property_recipe_validates_and_its_csv_keys_the_oxides(setup, tmp_path):

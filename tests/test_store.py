@@ -521,3 +521,31 @@ def test_wds_more_readers_than_shards(wds_store, mixed_frames):
              for r in range(4) for w in range(2)]
     assert sum(not p for p in parts) == 3  # five shards for eight readers
     assert sorted(s for p in parts for s in p) == sorted(f.source for f in mixed_frames)
+
+
+def test_select_chooses_split_rows_by_dataset_and_size_with_heads_in_the_order_asked(tmp_path):
+    """The one selection every loader and check uses: rows of the split, filtered by dataset and natoms, each row's
+    head the position of its dataset in the names asked; a dataset the store lacks or nothing left is one line."""
+    from finetune_support import AL, FEO, make_store
+
+    from lampretrain.config import ConfigError
+    from lampretrain.store.index import StoreIndex
+
+    index = StoreIndex.open(make_store(tmp_path / "s", [{"path": str(FEO), "dataset": "feo"},
+                                                        {"path": str(AL), "dataset": "al"}]))
+    train = index.rows("train")
+    both = index.select("train", ["al", "feo"])
+    assert both.names == ["al", "feo"] and both.rows.tolist() == train.tolist()
+    assert [index.datasets[d] for d in index.dataset[both.rows]] == [both.names[h] for h in both.heads]
+    assert index.select("train").names == index.datasets == ["feo", "al"]
+    al = index.select("train", ["al"])
+    assert 0 < len(al) < len(train) and (index.dataset[al.rows] == index.datasets.index("al")).all()
+    assert (al.heads == 0).all()
+    cap = int(np.median(index.natoms[train]))
+    small = index.select("train", max_natoms=cap)
+    assert small.rows.tolist() == train[index.natoms[train] <= cap].tolist()
+    with pytest.raises(ConfigError, match="^data.datasets: 'water' is not a dataset of .*; it has feo, al$"):
+        index.select("train", ["feo", "water"])
+    with pytest.raises(ConfigError, match="^finetune.replay: .* has no 'test' frames of al$"):
+        index.select("test", ["al"], key="finetune.replay")
+    assert len(index.select("test", ["al"], required=False)) == 0

@@ -1,4 +1,5 @@
-"""A pretrained multi-task model made ready for fine-tuning: load, new head, freezing, layer-wise LR decay.
+"""A pretrained multi-task model (:func:`lampretrain.inference.loading.load_model`) made ready for fine-tuning:
+new head, freezing, layer-wise LR decay.
 
 Heads are kept, never re-initialised (fairchem resets them, and the step-0 error
 jumps): a new dataset gets a new head whose energy MLP and element references
@@ -9,48 +10,11 @@ that head predicts.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from ..config import ConfigError
-from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
-from ..store.index import StoreIndex
-from ..train import checkpoint as ckpt
-
-
-def pretrained_config(meta: dict) -> MultiTaskConfig:
-    """The model config a checkpoint was trained with (``meta["model"]``; older ones: rebuilt from its store)."""
-    if "model" in meta:
-        return MultiTaskConfig.from_dict(meta["model"])
-    recipe = meta["recipe"]
-    stats = StoreIndex.open(recipe["data"]["store"]).stats()
-    names = recipe["data"].get("datasets") or list(stats)
-    return MultiTaskConfig(
-        backbone=recipe["model"]["name"],
-        datasets=[DatasetSpec.from_stats(n, stats.get(n, {})) for n in names],
-        heads=HeadsConfig.from_dict(recipe["model"].get("heads") or {}),
-        backbone_options=dict(recipe["model"].get("options") or {}),
-    )
-
-
-def load_pretrained(checkpoint: str | Path, use_ema: bool = True, verify: bool = True) -> MultiTaskModel:
-    """The model of a training checkpoint (DCP, read by the restricted loader), with its EMA weights if asked and saved."""
-    path = Path(checkpoint)
-    if verify:
-        ckpt.verify(path)
-    meta = ckpt.read_meta(path)
-    model = MultiTaskModel(pretrained_config(meta))
-    state = model.state_dict()
-    tensors: dict = {"model": state}
-    has_ema = bool(meta["recipe"].get("train", {}).get("ema_decay"))
-    if use_ema and has_ema:
-        tensors["ema"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    ckpt.load(path, tensors)
-    if "ema" in tensors:
-        state.update(tensors["ema"])
-    model.load_state_dict(state)
-    return model
+from ..models.multitask import DatasetSpec, MultiTaskModel
 
 
 def with_new_head(model: MultiTaskModel, spec: DatasetSpec, init_from: str) -> MultiTaskModel:

@@ -29,6 +29,8 @@ from ..config import ConfigError
 from ..model_files import read_model_file
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
+from ..inference.loading import load_model
+from ..models import graph_cutoffs
 from ..models.backbone import without_retired
 from ..models.layers.mlp import MLP
 from ..models.layers.scatter import scatter_sum
@@ -38,7 +40,7 @@ from ..store.index import StoreIndex
 from ..train.schedules import lr_factor
 from ..train.tracking import Tracker
 from .lora import add_lora, fold_lora
-from .model import freeze, load_pretrained, lr_scales
+from .model import freeze, lr_scales
 from .recipe import FinetuneRecipe, PropertySection
 
 
@@ -95,7 +97,8 @@ class PropertySet:
 
 
 def frame_keys(index: StoreIndex, frames: LmdbFrameDataset, rows: np.ndarray, key: str) -> list[str]:
-    """The id of each split row: its content hash (index column) or its source (read from the frame)."""
+    """The id of each of ``rows`` (the store rows of ``frames``): its content hash (index column) or its source
+    (read from the frame)."""
     if key == "hash":
         return [h.decode("ascii") for h in index.hash[rows]]
     return [frames[k].source for k in range(len(rows))]
@@ -103,24 +106,17 @@ def frame_keys(index: StoreIndex, frames: LmdbFrameDataset, rows: np.ndarray, ke
 
 def property_set(
     index: StoreIndex, split: str, table: Mapping[str, np.ndarray], section: PropertySection,
-    datasets: list[str] | None, max_natoms: int | None,
+    datasets: list[str] | None, max_natoms: int | None, cutoffs: tuple[float, float],
 ) -> PropertySet:
-    rows = index.rows(split)
-    frames = LmdbFrameDataset.from_index(index, split)
-    keep = np.ones(rows.size, dtype=bool)
-    if datasets:
-        unknown = sorted(set(datasets) - set(index.datasets))
-        if unknown:
-            raise ConfigError(f"data.datasets names {unknown}, not in store {index.root} (has {index.datasets})")
-        keep &= np.isin(index.dataset[rows], [index.datasets.index(n) for n in datasets])
-    if max_natoms is not None:
-        keep &= index.natoms[rows] <= max_natoms
+    """The selected ``split`` frames that have a row in ``table``, graphs at ``cutoffs`` (pair, three-body; Å:
+    the backbone's)."""
+    rows = index.select(split, datasets, max_natoms, required=False).rows
+    frames = LmdbFrameDataset.from_rows(index, split, rows)
     keys = frame_keys(index, frames, rows, section.key)
-    items = [k for k in np.nonzero(keep)[0] if keys[k] in table]
+    items = [k for k in range(len(rows)) if keys[k] in table]
     width = len(section.columns)
     targets = np.array([table[keys[k]] for k in items], dtype=np.float64).reshape(len(items), width)
-    collate = GraphCollate(index.cutoff, index.three_body_cutoff)
-    return PropertySet(frames, np.asarray(items, dtype=np.int64), targets, collate)
+    return PropertySet(frames, np.asarray(items, dtype=np.int64), targets, GraphCollate(*cutoffs))
 
 
 def target_scale(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,17 +250,19 @@ def train_property(
     torch.manual_seed(tr.seed)
     index = StoreIndex.open(recipe.data.store)
     table = read_targets(sec.csv, sec.id_column, sec.columns)
-    train = property_set(index, recipe.data.split, table, sec, recipe.data.datasets, recipe.data.max_natoms)
+    base = load_model(ft.checkpoint, "ema" if ft.use_ema else "model", verify=recipe.checkpoint.verify)
+    cutoffs = graph_cutoffs(base)
+    train = property_set(index, recipe.data.split, table, sec, recipe.data.datasets, recipe.data.max_natoms, cutoffs)
     if not len(train):
         example = next(iter(table))
         raise ConfigError(f"property.csv {sec.csv}: no id matches a '{recipe.data.split}' frame of {recipe.data.store} "
                          f"by {sec.key} (CSV ids look like '{example}')")
     evaluation = None
     if ft.eval_split is not None:
-        evaluation = property_set(index, ft.eval_split, table, sec, recipe.data.datasets, recipe.data.max_natoms)
+        evaluation = property_set(index, ft.eval_split, table, sec, recipe.data.datasets, recipe.data.max_natoms,
+                                  cutoffs)
         evaluation = evaluation if len(evaluation) else None
     mean, std = target_scale(train.targets)
-    base = load_pretrained(ft.checkpoint, use_ema=ft.use_ema, verify=recipe.checkpoint.verify)
     if ft.lora.rank:
         add_lora(base.backbone, ft.lora.rank, ft.lora.alpha)
     freeze(base, ft.freeze, ft.freeze_blocks)

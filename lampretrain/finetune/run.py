@@ -4,8 +4,9 @@ Before step 0: load the checkpoint (heads and references kept), add a head
 copied from a named one if asked, refit the trained head's element references
 on the new data (change-bias), attach LoRA adapters, freeze. The stream mixes
 the new data with replayed pretraining data (each on its own pretrained head)
-at ``replay.ratio`` of the micro-batches. At the end the model (adapters folded
-into the weights) is exported as ``<output>/model.pt`` for ``MultiTaskModel.load``.
+at ``replay.ratio`` of the micro-batches. At the end the final checkpoint's model
+(EMA weights when the run keeps them, adapters folded into the weights) is
+exported as ``<output>/model.pt`` for ``MultiTaskModel.load``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import torch
 
 from ..config import ConfigError
 from ..graph.batch import GraphBatch
+from ..inference.loading import load_model, model_config_from_meta, read_weights, resolve_checkpoint
 from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, MultiTaskModel
 from ..store.index import StoreIndex
+from ..train import checkpoint as ckpt
 from ..train.data import TrainData, build_train_data
 from ..train.trainer import RunResult, TrainHooks, pretrain
 from ..train.references import change_bias, energy_errors, store_batches
 from .lora import add_lora, fold_lora
-from .model import freeze, load_pretrained, lr_scales, with_new_head
+from .model import freeze, lr_scales, with_new_head
 from .property import PropertyReport, export_property, train_property, write_summary
 from .recipe import FinetuneRecipe
 
@@ -87,13 +90,13 @@ class FinetuneHooks(TrainHooks):
         ft = recipe.finetune
         self.recipe, self._on_log = recipe, on_log
         index = StoreIndex.open(recipe.data.store)
-        names = recipe.data.datasets or index.datasets
+        names = index.select(recipe.data.split, recipe.data.datasets, recipe.data.max_natoms).names
         if len(names) != 1:
             raise ConfigError(f"data: fine-tuning trains one head on one dataset; {recipe.data.store} gives {names} "
                              "(pick one with data.datasets)")
         self.data_name = names[0]
         self.head = ft.head or self.data_name
-        model = load_pretrained(ft.checkpoint, use_ema=ft.use_ema, verify=recipe.checkpoint.verify)
+        model = load_model(ft.checkpoint, "ema" if ft.use_ema else "model", verify=recipe.checkpoint.verify)
         if ft.init_from is not None:
             spec = DatasetSpec.from_stats(self.head, index.stats().get(self.data_name, {}))
             model = with_new_head(model, spec, ft.init_from)
@@ -120,7 +123,8 @@ class FinetuneHooks(TrainHooks):
         replay, replay_heads = None, None
         if ft.replay.ratio > 0:
             index = StoreIndex.open(ft.replay.store)
-            names = ft.replay.datasets or [n for n in index.datasets if n in self.model.dataset_names]
+            wanted = ft.replay.datasets or [n for n in index.datasets if n in self.model.dataset_names]
+            names = index.select("train", wanted, recipe.data.max_natoms, key="finetune.replay").names
             if self.head in names:
                 raise ConfigError(f"finetune.replay: dataset '{self.head}' is the fine-tuned head; replay other datasets")
             section = copy.deepcopy(recipe.data)
@@ -139,11 +143,7 @@ class FinetuneHooks(TrainHooks):
         return lr_scales(model, self.recipe.finetune.lr_decay)
 
     def _has_rows(self, index: StoreIndex, split: str) -> bool:
-        rows = index.rows(split)
-        keep = index.dataset[rows] == index.datasets.index(self.data_name)
-        if self.recipe.data.max_natoms is not None:
-            keep &= index.natoms[rows] <= self.recipe.data.max_natoms
-        return bool(keep.any())
+        return len(index.select(split, [self.data_name], self.recipe.data.max_natoms, required=False)) > 0
 
     def evaluate(self) -> dict[str, float]:
         """Energy MAE per atom (eV/atom) of the fine-tuned head on ``finetune.eval_split``: ``<split>_mae``."""
@@ -174,11 +174,17 @@ class FinetuneResult:
     exported: Path | None  # <output>/model.pt, or <output>/property.pt for a property head (rank 0)
 
 
-def export(model: MultiTaskModel, path: Path) -> Path:
-    """Save a copy of ``model`` with LoRA adapters folded into the weights (``MultiTaskModel.load`` reads it)."""
-    plain = copy.deepcopy(model)
-    fold_lora(plain.backbone)
-    plain.save(path)
+def export(recipe: FinetuneRecipe, checkpoint: Path, path: Path) -> Path:
+    """Save the model of the run's trainer ``checkpoint`` with LoRA adapters folded into the weights
+    (``MultiTaskModel.load`` reads it): its EMA weights when the run kept an average, whole whatever the
+    engine sharded (the live module after training holds the raw weights, under FSDP2/ZeRO-3 a shard)."""
+    model = MultiTaskModel(model_config_from_meta(ckpt.read_meta(checkpoint), checkpoint))
+    lora = recipe.finetune.lora
+    if lora.rank:
+        add_lora(model.backbone, lora.rank, lora.alpha)  # the trained module's shape, so its tensors load by name
+    read_weights(checkpoint, model, ema=True)
+    fold_lora(model.backbone)
+    model.save(path)
     return path
 
 
@@ -197,7 +203,9 @@ def finetune(
     exported = None
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(recipe.output)
-        exported = export(hooks.model, out / "model.pt")
+        # a resumed run that had already finished trains no step and writes no checkpoint: its newest is the result
+        checkpoint = run.checkpoint or resolve_checkpoint(run.run_dir)
+        exported = export(recipe, checkpoint, out / "model.pt")
         (out / "finetune.json").write_text(json.dumps({
             "head": hooks.report.head, "reference_shift": hooks.report.reference_shift,
             "step0_mae_pretrained": hooks.report.step0_mae_pretrained, "step0_mae": hooks.report.step0_mae,

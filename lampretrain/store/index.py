@@ -88,7 +88,6 @@ class Selection:
     split: str
     names: list[str]  # the chosen datasets in the order asked (head order); the store's order when none were named
     rows: np.ndarray  # store row ids
-    positions: np.ndarray  # positions within the split's rows: items of ``LmdbFrameDataset.from_index(index, split)``
     heads: np.ndarray  # per row, the position of its dataset in ``names`` (the dataset id its graph batch carries)
 
     def __len__(self) -> int:
@@ -176,7 +175,7 @@ class StoreIndex:
         if required and positions.size == 0:
             raise ConfigError(f"{key}: {self.root} has no '{split}' frames of {', '.join(names) or 'no dataset'}"
                               + (f" with at most {max_natoms} atoms ({key}.max_natoms)" if max_natoms else ""))
-        return Selection(split, names, split_rows[positions], positions, heads[positions])
+        return Selection(split, names, split_rows[positions], heads[positions])
 
     def shard_paths(self, fmt: str, split: str) -> list[Path]:
         return [self.root / s["path"] for s in self.manifest["shards"][fmt] if s["split"] == split]

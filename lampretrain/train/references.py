@@ -28,29 +28,21 @@ from ..store.index import StoreIndex
 
 
 def store_batches(
-    store: str, heads: dict[str, int], split: str = "train", max_natoms: int | None = None, graphs: int = 16,
-    cutoffs: tuple[float, float] | None = None, max_frames: int | None = None,
+    store: str, heads: dict[str, int], split: str = "train", max_natoms: int | None = None, graphs: int = 16, *,
+    cutoffs: tuple[float, float], max_frames: int | None = None,
 ) -> Iterator[GraphBatch]:
     """Batches of every labelled frame of ``split`` whose store dataset is a key of ``heads`` (name → head index),
-    with graphs at ``cutoffs`` (pair, three-body; Å: the model's), default the store's; with ``max_frames``
-    that many evenly spaced ones (a trajectory keeps its early and late frames)."""
+    with graphs at ``cutoffs`` (pair, three-body; Å: the model's); with ``max_frames`` that many evenly spaced
+    ones (a trajectory keeps its early and late frames)."""
     index = StoreIndex.open(store)
-    unknown = sorted(set(heads) - set(index.datasets))
-    if unknown:
-        raise ConfigError(f"{store}: no dataset(s) {unknown} (has {index.datasets})")
-    rows = index.rows(split)
-    wanted = [index.datasets.index(n) for n in heads]
-    keep = np.isin(index.dataset[rows], wanted)
-    if max_natoms is not None:
-        keep &= index.natoms[rows] <= max_natoms
-    frames = LmdbFrameDataset.from_index(index, split)
-    pair, three_body = cutoffs if cutoffs is not None else (index.cutoff, index.three_body_cutoff)
-    collate = GraphCollate(pair, three_body, dict(heads))
-    positions = np.nonzero(keep)[0]
-    if max_frames is not None and positions.size > max_frames:
-        positions = positions[np.unique(np.linspace(0, positions.size - 1, max_frames).round().astype(int))]
-    for start in range(0, positions.size, graphs):
-        yield collate([frames[int(i)] for i in positions[start : start + graphs]])
+    sel = index.select(split, list(heads), max_natoms, required=False)
+    rows = sel.rows
+    if max_frames is not None and rows.size > max_frames:
+        rows = rows[np.unique(np.linspace(0, rows.size - 1, max_frames).round().astype(int))]
+    frames = LmdbFrameDataset.from_rows(index, split, rows)
+    collate = GraphCollate(*cutoffs, dict(heads))
+    for start in range(0, len(frames), graphs):
+        yield collate([frames[i] for i in range(start, min(start + graphs, len(frames)))])
 
 
 class NoEnergyLabels(ValueError):

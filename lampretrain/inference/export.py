@@ -150,8 +150,8 @@ def export_model(
     except torch._dynamo.exc.UserError as err:
         raise RuntimeError(
             f"export: the backbone ({model.config.backbone}) fixes an atom/edge/angle/graph count while tracing (a "
-            f"Python int() of a tensor size, or a shape that depends on tensor values, in its code), so the program would only run at the "
-            f"traced sizes:\n{err}"
+            f"Python int() of a tensor size, or a shape that depends on tensor values, in its code), so the program "
+            f"would only run at the traced sizes:\n{err}"
         ) from None
 
 

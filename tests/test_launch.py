@@ -22,9 +22,9 @@ import yaml
 from lampretrain.config import ConfigError
 from lampretrain.launch import cli as launch_cli
 from lampretrain.launch.manifests import check_manifest
-from lampretrain.launch.plan import REPO_ROOT
 from lampretrain.launch.profile import parse_profile
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "recipes" / "demo-matris.yaml"
 SLURM = {"name": "t", "resources": {"nodes": 2, "gpus_per_node": 4}, "slurm": {"partition": "gpu", "account": "a1"}}
 

@@ -53,6 +53,9 @@ class Frame:
     level_of_theory: str = ""
     source: str = ""  # "<file>#<index>" (or group path inside the file)
     info: dict[str, Any] = field(default_factory=dict)
+    # label → where the reader found it ("calc.forces", "arrays.force", "virial.npy"): the prep census
+    # names it; not stored in shards, so a frame read back from a store has none
+    label_keys: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         self.positions = np.asarray(self.positions, dtype=np.float64)
@@ -182,6 +185,24 @@ def voigt_to_matrix(v: np.ndarray) -> np.ndarray:
     """ASE Voigt order (xx, yy, zz, yz, xz, xy) → symmetric (3, 3)."""
     xx, yy, zz, yz, xz, xy = np.asarray(v, dtype=np.float64)
     return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def virial_to_stress(virial: Any, cell: np.ndarray) -> np.ndarray:
+    """A virial W in eV → ASE stress in eV/Å³: σ = −W / V.
+
+    W = −V·σ is the convention of VASP's "Total" line, DeePMD's ``virial.npy``, dpdata and the extxyz
+    fitting sets.  ``virial`` is (..., 3, 3), or per record 9 values (row-major) or 6 in ASE's Voigt
+    order (xx, yy, zz, yz, xz, xy); ``cell`` is (..., 3, 3).
+    """
+    w = np.asarray(virial, dtype=np.float64)
+    if w.shape == (6,):
+        w = voigt_to_matrix(w)
+    elif w.shape == (9,):
+        w = w.reshape(3, 3)
+    elif w.shape[-2:] != (3, 3):
+        raise ValueError(f"a virial has 9 or 6 values or (3, 3), got shape {w.shape}")
+    volume = np.abs(np.linalg.det(np.asarray(cell, dtype=np.float64)))
+    return -w / np.asarray(volume)[..., None, None]
 
 
 def matrix_to_voigt(m: np.ndarray) -> np.ndarray:

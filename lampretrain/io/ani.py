@@ -67,7 +67,7 @@ def read_ani_hdf5(
                 info: dict = {"method": method}
                 if missing:
                     info["missing"] = missing
-                yield Frame(
+                frame = Frame(
                     positions=positions[k],
                     numbers=numbers,
                     energy=energy[k] if energy_ok[k] else None,
@@ -78,3 +78,6 @@ def read_ani_hdf5(
                     source=source_id(path, f"{name}/{k}"),
                     info=info,
                 )
+                named = {"energy": energy_key, "forces": forces_key, "charge": "neutral (ANI-1x)"}
+                frame.label_keys = {label: key for label, key in named.items() if getattr(frame, label) is not None}
+                yield frame

@@ -1,8 +1,12 @@
 """Files ASE reads: extxyz and any other ``ase.io`` format, ASE SQLite ``.db`` and fairchem ``.aselmdb``.
 
-Source units: ASE's own (eV, Å, eV/Å, stress eV/Å³ with ASE's sign), so nothing is converted;
-labels come from the attached calculator results (``SinglePointCalculator``), a total ``charge``
-from ``atoms.info`` when present.  ``.aselmdb`` (fairchem's LMDB database) needs the
+Source units: ASE's own (eV, Å, eV/Å, stress eV/Å³ with ASE's sign), so nothing is converted
+except a virial (eV, σ = −W / V).  Labels come from the attached calculator results
+(``SinglePointCalculator``), a total ``charge`` from ``atoms.info`` when present; ``keys=`` maps
+labels stored under other names (``{"energy": "DFT_energy", "forces": "force", "virial": "virial"}``:
+per-atom ones from ``atoms.arrays``, the rest from ``atoms.info``), a ``force`` array or a
+``virial`` is taken when nothing else gives the label, and any other label-like key is a warning
+(:mod:`lampretrain.io.labels`; ``ignore=`` silences it).  ``.aselmdb`` (fairchem's LMDB database) needs the
 ``ase-db-backends`` package, which ``ase.db.connect`` loads for that suffix; its rows are
 JSON-encoded, not pickled.
 """
@@ -19,13 +23,30 @@ from ase.data import atomic_numbers
 
 from lampretrain.frames import Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
+from lampretrain.io.labels import LabelMap
+
+# Per-atom arrays ASE itself keeps (not DFT labels) and calculator results a Frame has a place for.
+_ASE_ARRAYS = frozenset({"numbers", "positions", "momenta", "masses", "initial_magmoms", "initial_charges", "tags"})
+_RESULTS = ("energy", "forces", "stress", "magmoms")
+# Results that repeat one a Frame keeps (free energy beside energy, the total moment beside the per-atom
+# ones): left out without a warning, as no label is lost
+_DERIVED = {"free_energy": "energy", "magmom": "magmoms"}
 
 
-def _frame(atoms, path: Path, index: object, dataset: str, level_of_theory: str) -> Frame:
+def _frame(atoms, path: Path, index: object, dataset: str, level_of_theory: str, labels: LabelMap) -> Frame:
+    """The frame of one image: calculator results, then ``labels``' mapping; raises ReadError for a bad label."""
     frame = Frame.from_atoms(atoms, dataset=dataset, level_of_theory=level_of_theory, source=source_id(path, index))
+    frame.label_keys = {name: f"calc.{name}" for name in _RESULTS if getattr(frame, name) is not None}
     charge = atoms.info.get("charge")
+    taken = set(_ASE_ARRAYS)
     if isinstance(charge, (int, float, np.number)):
         frame.charge = float(charge)
+        frame.label_keys["charge"] = "info.charge"
+        taken.add("charge")
+    results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    unused = {k: v for k, v in results.items() if k not in _RESULTS and _DERIVED.get(k) not in results}
+    labels.apply(frame, index, atoms.arrays, atoms.info, ("arrays", "info"), taken)
+    labels.check_unmapped(frame, index, [("calculator result", unused)], ())
     return frame
 
 
@@ -36,14 +57,18 @@ def read_ase(
     level_of_theory: str = "",
     on_error: ErrorHandler = None,
     ase_format: str | None = None,
+    keys: dict[str, str] | None = None,
+    ignore: list[str] | None = None,
 ) -> Iterator[Frame]:
     """Every image of a file ``ase.io.iread`` understands (format guessed by ASE unless given).
 
     ASE parses image by image; the first image it cannot parse ends the file with one ReadError.
+    ``keys``/``ignore``: see this module's docstring.
     """
     import ase.io
 
     path = Path(path)
+    labels = LabelMap(path, keys, ignore, on_error)
     index = 0
     images = ase.io.iread(path, index=":", format=ase_format)
     while True:
@@ -54,7 +79,10 @@ def read_ase(
         except Exception as exc:  # ASE raises many types (XYZError, ValueError, IndexError, ...)
             report(on_error, ReadError(f"unreadable from image {index} on: {exc}", path, index))
             return
-        yield _frame(atoms, path, index, dataset, level_of_theory)
+        try:
+            yield _frame(atoms, path, index, dataset, level_of_theory, labels)
+        except ReadError as exc:
+            report(on_error, exc)
         index += 1
 
 
@@ -168,9 +196,17 @@ def _frame_error(exc: Exception, index: int, start: int, text: list[str]) -> str
 
 
 def read_extxyz(
-    path: str | Path, *, dataset: str = "", level_of_theory: str = "", on_error: ErrorHandler = None
+    path: str | Path,
+    *,
+    dataset: str = "",
+    level_of_theory: str = "",
+    on_error: ErrorHandler = None,
+    keys: dict[str, str] | None = None,
+    ignore: list[str] | None = None,
 ) -> Iterator[Frame]:
     """Extended XYZ: ``energy``, ``stress`` (ASE sign) in the comment line, ``forces`` per atom.
+
+    Other names (``DFT_energy``, ``force``, ``virial``) through ``keys``/``ignore``: see this module's docstring.
 
     The file is split into frames here and each frame is parsed by ASE on its own, so a bad frame (unknown
     element, wrong atom count, unparsable number) is one ReadError at its own index and reading goes on with
@@ -179,6 +215,7 @@ def read_extxyz(
     import ase.io
 
     path = Path(path)
+    labels = LabelMap(path, keys, ignore, on_error)
     with open(path, "rb") as raw:
         if _looks_binary(raw.read(_BINARY_PROBE)):
             report(on_error, ReadError("binary content (NUL bytes or invalid UTF-8), not extxyz text", path))
@@ -193,7 +230,10 @@ def read_extxyz(
                 continue
             try:
                 atoms = ase.io.read(io.StringIO("".join(text)), format="extxyz", index=0)
-                frame = _frame(atoms, path, index, dataset, level_of_theory)
+                frame = _frame(atoms, path, index, dataset, level_of_theory, labels)
+            except ReadError as exc:  # a mapped label that cannot be used, named by the mapping
+                report(on_error, exc)
+                continue
             except Exception as exc:  # ASE raises KeyError, ValueError, XYZError, IndexError, ... per frame
                 report(on_error, ReadError(_frame_error(exc, index, start, text), path, index))
                 continue
@@ -203,12 +243,22 @@ def read_extxyz(
 
 
 def read_ase_db(
-    path: str | Path, *, dataset: str = "", level_of_theory: str = "", on_error: ErrorHandler = None
+    path: str | Path,
+    *,
+    dataset: str = "",
+    level_of_theory: str = "",
+    on_error: ErrorHandler = None,
+    keys: dict[str, str] | None = None,
+    ignore: list[str] | None = None,
 ) -> Iterator[Frame]:
-    """Rows of an ASE database (SQLite ``.db``, ``.aselmdb``, ASE ``.json``) in id order; source ``file#id``."""
+    """Rows of an ASE database (SQLite ``.db``, ``.aselmdb``, ASE ``.json``) in id order; source ``file#id``.
+
+    A row's ``key_value_pairs`` and ``data`` count as ``atoms.info`` for ``keys``/``ignore``.
+    """
     import ase.db
 
     path = Path(path)
+    labels = LabelMap(path, keys, ignore, on_error)
     if not path.exists():
         report(on_error, ReadError("no such database", path))
         return
@@ -241,4 +291,8 @@ def read_ase_db(
             return
         last_id = row.id
         atoms.info.update(row.key_value_pairs)
-        yield _frame(atoms, path, row.id, dataset, level_of_theory)
+        atoms.info.update(row.get("data") or {})
+        try:
+            yield _frame(atoms, path, row.id, dataset, level_of_theory, labels)
+        except ReadError as exc:
+            report(on_error, exc)

@@ -10,7 +10,9 @@ Source units and conversions
 * virial: eV, DeePMD's sign, i.e. W = −V·σ_ASE (the DeePMD ASE calculator returns
   ``stress = −virial / V``; dpdata writes ``virial = −stress·V`` from ASE).  So
   ``stress = −virial / det(box)``.
-* nopbc systems get ``cell=None, pbc=False`` even when a box is stored.
+* nopbc systems get ``cell=None, pbc=False`` even when a box is stored; a virial there has no
+  volume and is left out with a warning, as is any other ``*.npy`` of a set (``atom_ener``,
+  ``dipole``, ...), which no Frame label holds.
 
 Arrays are read once per set and sliced per frame (no per-atom Python).
 """
@@ -23,11 +25,13 @@ from pathlib import Path
 import numpy as np
 from ase.data import atomic_numbers
 
-from lampretrain.frames import Frame
-from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
+from lampretrain.frames import Frame, virial_to_stress
+from lampretrain.io.errors import ErrorHandler, ReadError, ReadWarning, report, source_id, warn
 from lampretrain.io.hdf5 import groups_with, open_hdf5
 
 Loader = Callable[[str], "np.ndarray | None"]  # "coord" → the set's array, or None when absent
+_WIDTHS = ("coord", "box", "energy", "force", "virial")  # the arrays a set may hold that frames use
+_LABEL_FILES = {"energy": "energy.npy", "forces": "force.npy", "stress": "virial.npy"}
 
 
 def is_system_dir(path: Path) -> bool:
@@ -39,12 +43,6 @@ def system_dirs(path: Path) -> list[Path]:
     if is_system_dir(path):
         return [path]
     return sorted(p.parent for p in path.rglob("type.raw") if p.is_file())
-
-
-def virial_to_stress(virial: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """DeePMD virial (..., 3, 3) eV → ASE stress eV/Å³: σ = −W / det(cell)."""
-    volume = np.abs(np.linalg.det(cell))
-    return -virial / volume[..., None, None]
 
 
 def _numbers(types: np.ndarray, type_map: Sequence[str] | None, where: str) -> np.ndarray:
@@ -70,7 +68,7 @@ def _load_set(load: Loader, n: int, nopbc: bool) -> dict[str, np.ndarray]:
     """The set's arrays as (nframes, width) rows, checked against ``n`` atoms."""
     arrays: dict[str, np.ndarray] = {}
     nframes = 0
-    widths = {"coord": 3 * n, "box": 9, "energy": 1, "force": 3 * n, "virial": 9}
+    widths = dict(zip(_WIDTHS, (3 * n, 9, 1, 3 * n, 9)))
     for name, width in widths.items():
         try:
             value = load(name)
@@ -91,13 +89,21 @@ def _load_set(load: Loader, n: int, nopbc: bool) -> dict[str, np.ndarray]:
 
 
 def _set_frames(
-    where: str, prefix: str, load: Loader, numbers: np.ndarray, nopbc: bool, common: dict, on_error: ErrorHandler
+    where: str, prefix: str, load: Loader, members: list[str], numbers: np.ndarray, nopbc: bool, common: dict,
+    on_error: ErrorHandler,
 ) -> Iterator[Frame]:
-    """Frames of one ``set.NNN``; record ``k`` is ``<where>#<prefix><k>``.
+    """Frames of one ``set.NNN`` (holding ``members``); record ``k`` is ``<where>#<prefix><k>``.
 
     A set whose arrays do not fit is reported frame by frame.
     """
     n = len(numbers)
+    unread = sorted(m for m in members if m.endswith(".npy") and m[: -len(".npy")] not in _WIDTHS)
+    if nopbc and "virial.npy" in members:
+        unread.append("virial.npy")
+    if unread:
+        why = "; a nopbc system has no volume for virial.npy" if "virial.npy" in unread else ""
+        message = f"{', '.join(unread)} not read (no Frame label holds them{why})"
+        warn(on_error, ReadWarning(message, where, f"{prefix}0", keys=unread))
     try:
         arrays = _load_set(load, n, nopbc)
     except _SetError as exc:
@@ -113,6 +119,8 @@ def _set_frames(
     if "virial" in arrays and cells is not None:
         stress = virial_to_stress(arrays["virial"].reshape(nframes, 3, 3).astype(np.float64), cells)
     pbc = not nopbc
+    found = {"energy": energy, "forces": forces, "stress": stress}
+    label_keys = {label: _LABEL_FILES[label] for label, value in found.items() if value is not None}
     for k in range(nframes):
         yield Frame(
             positions=positions[k],
@@ -123,6 +131,7 @@ def _set_frames(
             forces=None if forces is None else forces[k],
             stress=None if stress is None else stress[k],
             source=source_id(where, f"{prefix}{k}"),
+            label_keys=dict(label_keys),
             **common,
         )
 
@@ -148,7 +157,8 @@ def _npy_system(system: Path, type_map: Sequence[str] | None, common: dict, on_e
             file = set_dir / f"{name}.npy"
             return np.load(file, allow_pickle=False) if file.is_file() else None
 
-        yield from _set_frames(str(set_dir), "", load, numbers, nopbc, common, on_error)
+        members = sorted(p.name for p in set_dir.iterdir())
+        yield from _set_frames(str(set_dir), "", load, members, numbers, nopbc, common, on_error)
 
 
 def read_deepmd_npy(
@@ -206,4 +216,4 @@ def read_deepmd_hdf5(
                     return sg[f"{key}.npy"][()] if f"{key}.npy" in sg else None
 
                 prefix = f"{name}/{set_name}/" if name else f"{set_name}/"
-                yield from _set_frames(str(path), prefix, load, numbers, nopbc, common, on_error)
+                yield from _set_frames(str(path), prefix, load, sorted(sg.keys()), numbers, nopbc, common, on_error)

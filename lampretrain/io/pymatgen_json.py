@@ -5,8 +5,15 @@ Source units and conversions
 * positions, lattice: Å (pymatgen ``Structure.as_dict()``: ``lattice.matrix`` rows, ``sites[].xyz``).
 * energies: eV totals.  MPtrj: ``energy_key="uncorrected_total_energy"`` by default — the raw VASP
   total, which is what a potential should learn; ``corrected_total_energy`` adds the MP2020
-  compatibility corrections (the CHGNet convention) and is kept in ``info``.  Entries: ``energy``
-  is the uncorrected total; ``use_corrected=True`` adds the entry's correction.
+  compatibility corrections (the CHGNet convention) and is kept in ``info``.  Entries
+  (``ComputedEntry`` / ``ComputedStructureEntry`` as ``as_dict()`` writes them): the JSON field
+  ``energy`` is pymatgen's ``uncorrected_energy`` (the raw DFT total) and is the default;
+  ``use_corrected=True`` takes pymatgen's ``entry.energy`` = ``energy + correction`` (the MP2020
+  compatibility scheme's).  ``Frame.label_keys["energy"]`` says which.
+* entry ``data`` (numpy arrays as MSONable encodes them, or lists): ``forces``/``force`` eV/Å,
+  ``virials``/``virial`` eV (W = −V·σ, as dpdata writes them; σ = −W / V), ``stress`` in kB with
+  VASP's sign (as MP's task documents), ``magmoms``/``magmom`` μB; ``keys=`` names other members
+  (per :mod:`lampretrain.io.labels`), and a label-like member left over is a warning (``ignore=``).
 * forces: eV/Å (MPtrj ``force``, mlearn ``outputs.forces``).
 * stress: VASP "in kB" with VASP's sign (compression positive).  MPtrj ``stress`` is (3, 3);
   mlearn ``virial_stress`` is 6 values ordered xx, yy, zz, xy, yz, zx.  ASE sign and units:
@@ -30,6 +37,7 @@ from ase.data import atomic_numbers
 from lampretrain.frames import KBAR_TO_EV_PER_A3, Frame
 from lampretrain.io.errors import ErrorHandler, ReadError, report, source_id
 from lampretrain.io.json_stream import JSONStreamError, iter_top_level, open_text
+from lampretrain.io.labels import LabelMap
 
 MLEARN_VOIGT = ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0))  # virial_stress order xx yy zz xy yz zx
 _RECORD_KEYS = {"@module", "@class", "structure", "lattice", "sites", "outputs"}
@@ -117,6 +125,7 @@ def _mptrj_frame(rec: dict, energy_key: str) -> dict[str, Any]:
     stress = _array(rec.get("stress"), "stress")
     magmom = rec.get("magmom", rec.get("magmoms"))
     forces_key = "force" if "force" in rec else "forces"  # MPtrj says force, MatPES-style flat records forces
+    magmom_key = "magmom" if "magmom" in rec else "magmoms"
     values.update(
         energy=rec[energy_key],
         forces=_array(rec.get(forces_key), forces_key),
@@ -125,6 +134,8 @@ def _mptrj_frame(rec: dict, energy_key: str) -> dict[str, Any]:
     )
     if magmom is not None:
         values["magmoms"] = _array(magmom, "magmom")
+    named = {"energy": energy_key, "forces": forces_key, "stress": "stress (kB)", "magmoms": magmom_key}
+    values["label_keys"] = {label: key for label, key in named.items() if values.get(label) is not None}
     return values
 
 
@@ -138,21 +149,33 @@ def _mlearn_frame(rec: dict) -> dict[str, Any]:
         stress=None if virial is None else kbar_vasp_to_stress(mlearn_virial_to_matrix(virial)),
         info=_plain_scalars(rec, {"structure", "outputs"}),
     )
+    named = {"energy": "outputs.energy", "forces": "outputs.forces", "stress": "outputs.virial_stress (kB)"}
+    values["label_keys"] = {label: key for label, key in named.items() if values.get(label) is not None}
     return values
 
 
+def _decoded(value: Any) -> Any:
+    """A numpy array MSONable wrote as ``{"@module": "numpy", "@class": "array", "dtype", "data"}``, decoded."""
+    if isinstance(value, dict) and value.get("@module") == "numpy" and value.get("@class") == "array":
+        return np.asarray(value["data"], dtype=value.get("dtype", "float64"))
+    return np.asarray(value) if isinstance(value, list) else value
+
+
 def _entry_frame(rec: dict, use_corrected: bool) -> dict[str, Any]:
+    """An entry's structure and energy; its ``data`` labels are the caller's (they need the mapping)."""
     if not isinstance(rec.get("structure"), dict):
         raise _Bad("a ComputedEntry without a structure cannot become a frame", "structure")
     energy = float(rec["energy"])
+    origin = "energy (pymatgen uncorrected_energy)"
     if use_corrected:
+        origin = "energy + correction (pymatgen energy)"
         if rec.get("correction") is not None:
             energy += float(rec["correction"])
         else:
             energy += sum(float(adj.get("value", 0.0)) for adj in rec.get("energy_adjustments") or [])
     values = structure_arrays(rec["structure"])
     info = {"entry_id": rec["entry_id"]} if isinstance(rec.get("entry_id"), (str, int)) else {}
-    values.update(energy=energy, info=info)
+    values.update(energy=energy, info=info, label_keys={"energy": origin})
     return values
 
 
@@ -160,8 +183,7 @@ def _record_values(rec: Any, energy_key: str, use_corrected: bool) -> dict[str, 
     """Dispatch one JSON record on its layout."""
     if not isinstance(rec, dict):
         raise _Bad(f"expected an object, got {type(rec).__name__}", "record")
-    cls = str(rec.get("@class", ""))
-    if "Entry" in cls:
+    if _is_entry(rec):
         return _entry_frame(rec, use_corrected)
     if "outputs" in rec and "structure" in rec:
         return _mlearn_frame(rec)
@@ -170,6 +192,10 @@ def _record_values(rec: Any, energy_key: str, use_corrected: bool) -> dict[str, 
     if "sites" in rec:
         return structure_arrays(rec)
     raise _Bad(f"unrecognised record with keys {sorted(rec)[:8]}", "record")
+
+
+def _is_entry(rec: dict) -> bool:
+    return "Entry" in str(rec.get("@class", ""))
 
 
 def _is_record(value: Any) -> bool:
@@ -213,9 +239,16 @@ def read_pymatgen_json(
     on_error: ErrorHandler = None,
     energy_key: str = "uncorrected_total_energy",
     use_corrected: bool = False,
+    keys: dict[str, str] | None = None,
+    ignore: list[str] | None = None,
 ) -> Iterator[Frame]:
-    """Frames from an MPtrj / mlearn / pymatgen JSON file (optionally .gz, .bz2, .xz)."""
+    """Frames from an MPtrj / mlearn / pymatgen JSON file (optionally .gz, .bz2, .xz).
+
+    Entries take the uncorrected energy unless ``use_corrected``; ``keys``/``ignore`` name members of an
+    entry's ``data`` (see this module's docstring).
+    """
     path = Path(path)
+    labels = LabelMap(path, keys, ignore, on_error, convert={"stress": kbar_vasp_to_stress})
     records = _records(path)
     while True:
         try:
@@ -239,4 +272,12 @@ def read_pymatgen_json(
         if isinstance(index, str) and "/" in index:
             mp_id, frame_id = index.split("/", 1)
             values["info"] = {**values.get("info", {}), "mp_id": mp_id, "frame_id": frame_id}
-        yield Frame(**values, dataset=dataset, level_of_theory=level_of_theory, source=source_id(path, index))
+        frame = Frame(**values, dataset=dataset, level_of_theory=level_of_theory, source=source_id(path, index))
+        if _is_entry(rec):
+            data = {k: _decoded(v) for k, v in rec["data"].items()} if isinstance(rec.get("data"), dict) else {}
+            try:
+                labels.apply(frame, index, data, data, ("data", "data"))
+            except ReadError as exc:
+                report(on_error, exc)
+                continue
+        yield frame

@@ -79,6 +79,9 @@ def read_spice_hdf5(
                 report(on_error, ReadError(f"unreadable group: {exc}", path, name))
                 continue
             charge = float(smiles_formal_charge(info["smiles"])) if "smiles" in info else None
+            label_keys = {"energy": energy_key, "forces": f"-{gradient_key}"} if forces is not None else {"energy": energy_key}
+            if charge is not None:
+                label_keys["charge"] = "smiles formal charges"
             for k in range(nconf):
                 yield Frame(
                     positions=positions[k],
@@ -86,6 +89,7 @@ def read_spice_hdf5(
                     energy=energy[k],
                     forces=None if forces is None else forces[k],
                     charge=charge,
+                    label_keys=dict(label_keys),
                     dataset=dataset,
                     level_of_theory=level_of_theory,
                     source=source_id(path, f"{name}/{k}"),

@@ -24,7 +24,7 @@ import numpy as np
 
 from lampretrain.frames import Frame
 from lampretrain.io.ase_formats import read_ase
-from lampretrain.io.errors import ErrorHandler, ReadError, report
+from lampretrain.io.errors import ErrorHandler, ReadError, ReadWarning, report, warn
 
 _XML_END = b"</modeling>"
 _OUTCAR_END = b"General timing and accounting"
@@ -45,7 +45,14 @@ def _steps(path: Path, ase_format: str, end_marker: bytes, common: dict, on_erro
     """ASE's steps, then one ReadError when the file lacks VASP's closing section."""
     count = 0
     failed = []
-    for frame in read_ase(path, ase_format=ase_format, on_error=failed.append, **common):
+
+    def held_back(err: ReadError) -> None:  # a warning passes at once; an error waits for the frames before it
+        if isinstance(err, ReadWarning):
+            warn(on_error, err)
+        else:
+            failed.append(err)
+
+    for frame in read_ase(path, ase_format=ase_format, on_error=held_back, **common):
         count += 1
         yield frame
     if failed:
@@ -95,4 +102,5 @@ def read_vasp_dir(
             and np.allclose(partner.positions, frame.positions, atol=_SAME_POSITIONS_ATOL)
         ):
             frame.magmoms = partner.magmoms
+            frame.label_keys["magmoms"] = "OUTCAR magnetization (x)"
         yield frame

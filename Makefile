@@ -11,4 +11,5 @@ demo: install
 	lampretrain demo
 
 test: install
+	$(PYTHON) -m ruff check lampretrain tests setup.py
 	$(PYTHON) -m pytest -q

@@ -68,3 +68,13 @@ def tiny_run(root: Path, sources: list[dict], steps: int = 1) -> dict:
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     checkpoint = pretrain(parse_recipe(recipe)).checkpoint
     return {"root": root, "store": store, "recipe": recipe, "run": root / "run", "checkpoint": checkpoint}
+
+
+def training_store(root: Path) -> Path:
+    """The trainer tests' store: two VASP relaxations and two molecular HDF5 sets, 10 % val, prep's own cutoffs."""
+    return make_store(root, [
+        {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
+        {"path": str(REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"), "dataset": "mp_r2scan"},
+        {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
+        {"path": str(REAL / "ani1x_hdf5/ani1_n5.hdf5"), "dataset": "ani1x"},
+    ], val=0.1, graphs={})

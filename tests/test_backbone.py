@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ from lampretrain.models.backbone import NodeFeatures
 from lampretrain.models.layers.scatter import scatter_sum
 from lampretrain.models.multitask import DatasetSpec, MultiTaskConfig, MultiTaskModel
 from lampretrain.recipe import parse_recipe
-from lampretrain.train import pretrain
 from lampretrain.train import checkpoint as ckpt
+from lampretrain.train import pretrain
 from lampretrain.train.trainer import TrainHooks
 
 from finetune_support import AL, FEO, REPO, make_store, tiny_recipe

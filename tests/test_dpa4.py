@@ -14,9 +14,9 @@ from pymatgen.core import Structure
 from lampretrain.frames import Frame
 from lampretrain.graph.batch import collate
 from lampretrain.models import build, build_backbone
-from lampretrain.models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from lampretrain.models.layers.spherical_harmonics import sh_degrees
 from lampretrain.models.layers.wigner import WignerD, quaternion_to_matrix
+from lampretrain.models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 
 REAL = Path(__file__).parent / "data" / "real"
 DT = torch.float64

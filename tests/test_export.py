@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from lampretrain.io import read_frames
 from lampretrain.inference.cli import add_parser, run
 from lampretrain.inference.export import (
     INPUTS,
@@ -24,6 +23,7 @@ from lampretrain.inference.export import (
     save_exported,
     tracing_example,
 )
+from lampretrain.io import read_frames
 from lampretrain.models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 
 REAL = Path(__file__).parent / "data" / "real"

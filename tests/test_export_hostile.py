@@ -13,12 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_export import REAL, tiny_model
 
-from lampretrain.inference.export import example_inputs, export_metadata, export_model, load_exported, save_exported, tracing_example
+from lampretrain.inference.export import (
+    example_inputs,
+    export_metadata,
+    export_model,
+    load_exported,
+    save_exported,
+    tracing_example,
+)
 from lampretrain.io import read_frames
 from lampretrain.train.checkpoint import CheckpointError
-
-from test_export import REAL, tiny_model
 
 PLAIN = """
 import sys, torch
@@ -38,6 +44,7 @@ def genuine(tmp_path_factory):
     inputs = tracing_example(oxide6, model, torch.float64)
     save_exported(export_model(model, "mptrj", inputs), tmp / "model.pt2", export_metadata(model, "mptrj", torch.float64))
     import numpy as np
+
     from lampretrain.inference.export import INPUTS
     np.savez(tmp / "inputs.npz", **{n: t.numpy() for n, t in zip(INPUTS, example_inputs(oxide6, model, torch.float64))})
     return tmp

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from lampretrain.finetune import finetune, parse_finetune
-from lampretrain.train.references import energy_errors, store_batches
 from lampretrain.finetune.lora import LoRALinear, add_lora, fold_lora
 from lampretrain.finetune.model import freeze, lr_scales
 from lampretrain.inference.loading import load_model
@@ -24,6 +23,7 @@ from lampretrain.models import graph_cutoffs
 from lampretrain.models.multitask import MultiTaskModel
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import pretrain
+from lampretrain.train.references import energy_errors, store_batches
 
 from finetune_support import AL, FEO, REPO, make_store, oxides_slice, tiny_recipe
 

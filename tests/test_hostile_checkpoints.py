@@ -19,9 +19,10 @@ import pytest
 import torch
 import yaml
 
-from finetune_support import FEO, oxides_slice, tiny_run
 from lampretrain import cli
 from lampretrain.train import checkpoint as ckpt
+
+from finetune_support import FEO, oxides_slice, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,9 +213,8 @@ def test_a_hostile_tensor_shard_is_refused_by_torchs_weights_only_reader(run, tm
 def test_a_hostile_model_file_is_refused(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"config": {}, "state_dict": _Reduce(f"touch {marker}")}, tmp_path / "model.pt")
-    from lampretrain.inference import Calculator
-
     from lampretrain.finetune.property import PropertyModel
+    from lampretrain.inference import Calculator
     from lampretrain.model_files import ModelFileError
 
     with pytest.raises(ModelFileError, match="model.pt: refused, not a plain tensor file .*Weights only load failed"):

@@ -16,7 +16,13 @@ from lampretrain.frames import Frame
 from lampretrain.graph.batch import collate
 from lampretrain.models.layers.mlp import GatedMLP, gather_sum
 from lampretrain.models.layers.scatter import (
-    Segments, gather, scatter_max, scatter_sum, segment_max, segment_softmax, segment_sum
+    Segments,
+    gather,
+    scatter_max,
+    scatter_sum,
+    segment_max,
+    segment_softmax,
+    segment_sum,
 )
 from lampretrain.models.matris import MatRISConfig
 from lampretrain.models.multitask import MultiTaskModel

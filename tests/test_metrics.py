@@ -10,8 +10,13 @@ from lampretrain.graph.batch import GraphBatch
 from lampretrain.models.multitask import DatasetSpec
 from lampretrain.objectives import MultiTaskObjective, ObjectiveConfig
 from lampretrain.objectives.metrics import (
-    energy_per_atom_mae, energy_per_atom_rmse, force_component_mae, force_component_rmse, force_norm_mae,
-    magmom_mae, stress_component_mae,
+    energy_per_atom_mae,
+    energy_per_atom_rmse,
+    force_component_mae,
+    force_component_rmse,
+    force_norm_mae,
+    magmom_mae,
+    stress_component_mae,
 )
 from lampretrain.train.validation import error_sums, metrics
 

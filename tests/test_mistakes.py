@@ -13,11 +13,12 @@ import shutil
 import pytest
 import yaml
 
-from finetune_support import FEO, tiny_run
 from lampretrain import cli
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import checkpoint as ckpt
 from lampretrain.train import pretrain
+
+from finetune_support import FEO, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,9 +20,18 @@ import pytest
 import torch
 
 from lampretrain.train import checkpoint as ckpt
-from test_train import ENV, REPO, pretrain_cmd, run, saved_tensors, store, write_recipe  # noqa: F401 (store: fixture)
+
+from finetune_support import training_store
+from test_train import ENV, REPO, pretrain_cmd, run, saved_tensors, write_recipe
 
 FINAL = 10  # train.steps of every run here; the signal lands a few steps after the step-2 checkpoint
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return training_store(tmp_path_factory.mktemp("store"))
+
+
 SECTIONS = {"data": {"workers": 1}, "train": {"steps": FINAL, "eval_every": 3}, "checkpoint": {"every": 2, "keep": 10},
             "tracking": {"enabled": False}}
 # torchrun forwards only TERM/INT/HUP/QUIT unless told (SIGUSR1 would kill it at once); the Slurm template tells it

@@ -13,11 +13,12 @@ from typing import get_args, get_type_hints
 import pytest
 import yaml
 
-from finetune_support import FEO, tiny_run
 from lampretrain import cli
 from lampretrain.finetune.recipe import FinetuneRecipe
 from lampretrain.finetune.sweep import SweepSpec
 from lampretrain.recipe import Recipe
+
+from finetune_support import FEO, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from lampretrain.frames import Frame
-from lampretrain.store import codec, lmdb_shards
 from lampretrain.store import (
     CodecError,
     LmdbShardReader,
@@ -25,9 +24,11 @@ from lampretrain.store import (
     LmdbStore,
     WdsShardReader,
     WdsShardWriter,
+    codec,
     decode_frame,
     encode_frame,
     iter_wds_frames,
+    lmdb_shards,
     remove_temp_files,
     shards_for,
 )
@@ -526,10 +527,10 @@ def test_wds_more_readers_than_shards(wds_store, mixed_frames):
 def test_select_chooses_split_rows_by_dataset_and_size_with_heads_in_the_order_asked(tmp_path):
     """The one selection every loader and check uses: rows of the split, filtered by dataset and natoms, each row's
     head the position of its dataset in the names asked; a dataset the store lacks or nothing left is one line."""
-    from finetune_support import AL, FEO, make_store
-
     from lampretrain.config import ConfigError
     from lampretrain.store.index import StoreIndex
+
+    from finetune_support import AL, FEO, make_store
 
     index = StoreIndex.open(make_store(tmp_path / "s", [{"path": str(FEO), "dataset": "feo"},
                                                         {"path": str(AL), "dataset": "al"}]))

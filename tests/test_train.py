@@ -41,14 +41,9 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELE
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    from finetune_support import make_store
+    from finetune_support import training_store
 
-    return make_store(tmp_path_factory.mktemp("store"), [
-        {"path": str(REAL / "custodian_vasp_mp/FeO_PBEU_relax/vasprun.xml"), "dataset": "mp_pbeu"},
-        {"path": str(REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"), "dataset": "mp_r2scan"},
-        {"path": str(REAL / "spice_hdf5/SPICE-1.1.4_n2.hdf5"), "dataset": "spice"},
-        {"path": str(REAL / "ani1x_hdf5/ani1_n5.hdf5"), "dataset": "ani1x"},
-    ], val=0.1, graphs={})
+    return training_store(tmp_path_factory.mktemp("store"))
 
 
 def write_recipe(tmp_path: Path, store: Path, **sections) -> Path:
@@ -193,13 +188,13 @@ def _edge_lengths(batch) -> torch.Tensor:
 def test_graphs_follow_the_model_cutoffs_not_the_store_ones(tmp_path):
     """A store prepared at 5 / 3.5 Å feeds a model built at 4 / 3 Å: the trainer's train and val graphs have the
     model's edges (the same as a neighbour search at 4 Å); the store's cutoffs only serve its cost statistics."""
-    from finetune_support import FEO, make_store, tiny_recipe
-
     from lampretrain.graph.batch import build_graph
     from lampretrain.store.index import StoreIndex
-    from lampretrain.train.data import build_train_data
     from lampretrain.train import pretrain
+    from lampretrain.train.data import build_train_data
     from lampretrain.train.trainer import TrainHooks, build_model
+
+    from finetune_support import FEO, make_store, tiny_recipe
 
     class KeepData(TrainHooks):  # the trainer's own data object, after it has run
         def build_data(self, recipe, rank, world_size):
@@ -234,12 +229,11 @@ def test_graphs_follow_the_model_cutoffs_not_the_store_ones(tmp_path):
 def test_trainer_anneals_loss_weights_with_the_lr(tmp_path):
     """objective.final_weights through the real trainer: every step's logged weight is the static one times
     c(s)/c at that step's lr/lr_peak (1 during warmup)."""
-    from finetune_support import FEO, make_store, tiny_recipe
-
-    from lampretrain.objectives import ObjectiveConfig
     from lampretrain.train import pretrain
     from lampretrain.train.schedules import annealing_fraction
     from lampretrain.train.trainer import TrainHooks
+
+    from finetune_support import FEO, make_store, tiny_recipe
 
     class Record(TrainHooks):
         def __init__(self):
@@ -273,12 +267,13 @@ def test_trainer_refits_references_after_the_last_step(tmp_path):
     its energy MAE on the refit frames is the logged 'after' and no more than 'before'; a --max-steps stop does not
     refit."""
     import mlflow
-    from finetune_support import FEO, make_store, tiny_recipe
 
     from lampretrain.inference.loading import load_model
     from lampretrain.models import graph_cutoffs
     from lampretrain.train import pretrain
     from lampretrain.train.references import energy_errors, store_batches
+
+    from finetune_support import FEO, make_store, tiny_recipe
 
     store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.0, graphs={})
     raw = tiny_recipe(store, tmp_path / "run", steps=4)
@@ -303,9 +298,9 @@ def test_matris_resume_equals_uninterrupted(tmp_path):
     """MatRIS has a parameter that never reaches the loss (its last bond update), so AdamW holds no state for it
     and its checkpoints lack that entry: resume must leave it stateless (not fail on the fresh template's state)
     and reach the uninterrupted run's step 4 bitwise."""
-    from finetune_support import FEO, make_store, tiny_recipe
-
     from lampretrain.train import pretrain
+
+    from finetune_support import FEO, make_store, tiny_recipe
 
     store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}], val=0.0, graphs={})
     runs = {}

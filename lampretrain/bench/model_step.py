@@ -222,7 +222,10 @@ def supercell(frame: Frame, repeat: tuple[int, int, int]) -> Frame:
     m = int(np.prod(repeat))
     shifts = np.array([(i, j, k) for i in range(repeat[0]) for j in range(repeat[1]) for k in range(repeat[2])])
     positions = (frame.positions[None, :, :] + (shifts @ frame.cell)[:, None, :]).reshape(-1, 3)  # image-major
-    tile = (lambda a: None if a is None else np.tile(a, (m, 1)) if a.ndim == 2 else np.tile(a, m))
+
+    def tile(a):
+        return None if a is None else np.tile(a, (m, 1)) if a.ndim == 2 else np.tile(a, m)
+
     return dataclasses.replace(
         frame, positions=positions, numbers=np.tile(frame.numbers, m), cell=frame.cell * np.array(repeat)[:, None],
         energy=None if frame.energy is None else frame.energy * m, forces=tile(frame.forces),

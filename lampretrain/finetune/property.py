@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..model_files import read_model_file
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..inference.loading import load_model
+from ..model_files import read_model_file
 from ..models import graph_cutoffs
 from ..models.backbone import without_retired
 from ..models.layers.mlp import MLP

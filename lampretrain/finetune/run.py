@@ -29,8 +29,8 @@ from ..models.multitask import DatasetSpec, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train import checkpoint as ckpt
 from ..train.data import TrainData, build_train_data
-from ..train.trainer import RunResult, TrainHooks, pretrain
 from ..train.references import change_bias, energy_errors, store_batches
+from ..train.trainer import RunResult, TrainHooks, pretrain
 from .lora import add_lora, fold_lora
 from .model import freeze, lr_scales, with_new_head
 from .property import PropertyReport, export_property, train_property, write_summary

@@ -32,7 +32,12 @@ from ..frames import Frame
 from ..graph.batch import collate
 from ..models import graph_cutoffs
 from ..objectives.metrics import (
-    Metric, energy_per_atom_mae, energy_per_atom_rmse, force_component_mae, force_component_rmse, stress_component_mae,
+    Metric,
+    energy_per_atom_mae,
+    energy_per_atom_rmse,
+    force_component_mae,
+    force_component_rmse,
+    stress_component_mae,
     stress_component_rmse,
 )
 

@@ -52,9 +52,9 @@ from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+from ..errors import one_line
 from ..frames import Frame
 from ..graph.batch import GraphBatch, collate
-from ..errors import one_line
 from ..models import graph_cutoffs
 from ..train.checkpoint import CheckpointError
 

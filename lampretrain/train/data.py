@@ -23,7 +23,6 @@ from ..recipe import DataSection
 from ..sampling import BalancedBatchSampler, CostModel, dataset_weights, weights_from_mapping
 from ..store.index import StoreIndex
 
-
 # Slurm (time limit, scancel, preemption) and Kubernetes signal every process of a job, and torchrun signals
 # each rank's whole process group: loader workers get the preemption signal too. Left to torch, a worker dies
 # on SIGTERM and the trainer fails with "DataLoader worker ... killed by signal" instead of checkpointing.

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..config import ConfigError
 from .. import malloc
+from ..config import ConfigError
 from ..models import graph_cutoffs
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..objectives import METRICS, MultiTaskObjective

@@ -74,6 +74,9 @@ class DataSection:
     max_natoms: int | None = None  # drop larger structures (deepmd's filter:N)
     split: str = "train"
     workers: int = 0  # DataLoader worker processes per rank
+    # where edges and angles are built: in the loader workers, or by the trainer where the model runs (vesin-torch,
+    # graph/device.py), for when the loader's CPUs are the bottleneck; validation always builds them in its loader
+    graphs_on: Literal["loader", "device"] = "loader"
 
     def check(self) -> None:
         if not self.budget > 0:

@@ -505,3 +505,32 @@ def test_weight_decay_spares_biases_and_norm_gains():
     opt.step()
     for (name, p), b in zip(model.named_parameters(), before):
         assert torch.equal(p, b) == (p.ndim < 2), name
+
+
+def test_graphs_built_on_the_device_train_as_graphs_built_in_the_loader(tmp_path):
+    """data.graphs_on: device — loader workers collate atoms only and the trainer builds edges and angles where
+    the model runs (vesin-torch): the same graphs, so the same losses and weights as the loader-built run."""
+    pytest.importorskip("vesin_torch")
+    from lampretrain.train import pretrain
+
+    from finetune_support import FEO, make_store, tiny_recipe
+
+    store = make_store(tmp_path / "store", [{"path": str(FEO), "dataset": "mp_pbeu"}])
+    results = {}
+    for where in ("loader", "device"):
+        recipe = tiny_recipe(store, tmp_path / where, steps=3)
+        recipe["data"].update(graphs_on=where, workers=1)
+        recipe["tracking"] = {"enabled": False}
+        recipe["train"]["log_every"] = 1
+        result = pretrain(parse_recipe(recipe))
+        results[where] = (result.last_metrics, saved_tensors(result.checkpoint, tmp_path))
+    from lampretrain.train.data import build_train_data
+
+    data = build_train_data(parse_recipe(recipe).data, 0, 1, seed=0)
+    _, _, atoms_only = next(data.stream(0, 0))
+    assert atoms_only.num_edges == 0 and data.finish(atoms_only, torch.device("cpu")).num_edges > 0
+    (m_loader, t_loader), (m_device, t_device) = results["loader"], results["device"]
+    assert m_loader["loss"] == pytest.approx(m_device["loss"], rel=1e-5)
+    for name, value in t_loader.items():
+        if name.startswith("/model/"):
+            torch.testing.assert_close(t_device[name], value, rtol=1e-5, atol=1e-7, msg=name)

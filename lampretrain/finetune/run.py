@@ -58,6 +58,10 @@ class MixedData:
             if data is not None:
                 data.use_cutoffs(cutoff, three_body_cutoff)
 
+    def finish(self, batch: GraphBatch, device: torch.device) -> GraphBatch:
+        """:meth:`TrainData.finish` (main and replay share the recipe's ``data.graphs_on`` and cutoffs)."""
+        return self.main.finish(batch, device)
+
     def stream(self, epoch: int, position: int) -> Iterator[tuple[int, int, GraphBatch]]:
         per_epoch = max(len(self.main.sampler), 1)
         t = epoch * per_epoch + position

@@ -81,6 +81,10 @@ class TrainData:
         """
         self.collate.cutoff, self.collate.three_body_cutoff = float(cutoff), float(three_body_cutoff)
 
+    def finish(self, batch: GraphBatch, device: torch.device) -> GraphBatch:
+        """``batch`` on ``device``, its graph built there when ``data.graphs_on`` is ``device``."""
+        return self.collate.finish(batch, device, non_blocking=True)
+
     def stream(self, epoch: int, position: int) -> Iterator[tuple[int, int, GraphBatch]]:
         """(epoch, micro-batches consumed in that epoch, batch) forever, from (epoch, position) on.
 
@@ -112,7 +116,8 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
     sampler = BalancedBatchSampler(
         cost, cfg.budget, rank, world_size, dataset=sel.heads, weights=weights, epoch_size=s.epoch_size, seed=seed
     )
-    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)}, packed=True)
+    collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)},
+                           on_device=cfg.graphs_on == "device", packed=True)
     loader = WorkerLoader(
         LmdbFrameDataset.from_rows(index, sel.split, rows),
         batch_sampler=sampler,

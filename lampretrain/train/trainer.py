@@ -335,7 +335,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         objective.follow_lr(annealing_fraction(step, tr.steps, recipe.schedule, o.lr))
         for k in range(tr.grad_accum):
             epoch, position, batch = next(stream)
-            batch = batch.to(ctx.device, non_blocking=True)
+            batch = data.finish(batch, ctx.device)
             with engine.gradient_sync(k == tr.grad_accum - 1):
                 out = engine.forward(batch)
                 loss, metrics = objective(out, batch)

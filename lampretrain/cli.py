@@ -45,17 +45,27 @@ def _prep(args: argparse.Namespace) -> int:
 
 
 def _print_report(output: str, report: dict) -> None:
+    from .prep.pipeline import census_lines
+
     skipped = report["skipped"]
+    census = census_lines(report)
+    alarms = [line for line in census if not line.startswith("  ")]  # a dataset without forces comes first
+    for line in alarms:
+        print(line)
     print(
         f"store {output}: {report['frames_in']} frames in, {report['written']} written "
         f"({', '.join(f'{k} {v}' for k, v in report['per_split'].items())}), "
         f"skipped: {skipped['invalid']} invalid, {skipped['duplicate']} duplicate, {skipped['read_error']} unreadable "
         f"[{report['seconds']:.1f} s]"
     )
-    for item in report["skipped_records"][:20]:
-        print(f"  skipped {item['source']}: {item['reason']}")
-    if len(report["skipped_records"]) > 20:
-        print(f"  ... {len(report['skipped_records']) - 20} more in {output}/report.json")
+    print("labels per dataset (share of written frames, source keys):")
+    for line in census[len(alarms):]:
+        print(line)
+    for kind, items in (("skipped", report["skipped_records"]), ("warning", report.get("warnings", []))):
+        for item in items[:20]:
+            print(f"  {kind} {item['source']}: {item['reason']}")
+        if len(items) > 20:
+            print(f"  ... {len(items) - 20} more {kind}s in {output}/report.json")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -67,6 +77,13 @@ def _inspect(args: argparse.Namespace) -> int:
         rows = index.dataset == k
         per_split = ", ".join(f"{s} {int((rows & (index.split == j)).sum())}" for j, s in enumerate(SPLITS))
         print(f"  {name}: {per_split}; atoms {int(index.natoms[rows].sum())}, edges {int(index.n_edges[rows].sum())}")
+    report_path = Path(args.store) / "report.json"
+    if report_path.is_file():  # a store from before the label census has none to print
+        from .prep.pipeline import census_lines
+
+        print("labels per dataset (share of written frames, source keys):")
+        for line in census_lines(json.loads(report_path.read_text())):
+            print(line)
     print(json.dumps(index.stats(), indent=1))
     return 0
 

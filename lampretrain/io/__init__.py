@@ -35,13 +35,13 @@ from lampretrain.frames import Frame
 from lampretrain.io.ani import read_ani_hdf5
 from lampretrain.io.ase_formats import read_ase, read_ase_db, read_extxyz
 from lampretrain.io.deepmd import is_system_dir, read_deepmd_hdf5, read_deepmd_npy
-from lampretrain.io.errors import ErrorHandler, ReadError, report
+from lampretrain.io.errors import ErrorHandler, ReadError, ReadWarning, report
 from lampretrain.io.hdf5 import open_hdf5
 from lampretrain.io.pymatgen_json import read_pymatgen_json
 from lampretrain.io.spice import read_spice_hdf5
 from lampretrain.io.vasp import read_outcar, read_vasp_dir, read_vasprun
 
-__all__ = ["FORMATS", "ReadError", "guess_format", "read_frames"]
+__all__ = ["FORMATS", "ReadError", "ReadWarning", "guess_format", "read_frames", "takes_option"]
 
 _HDF5_SUFFIXES = (".h5", ".hdf5")
 _JSON_SUFFIXES = (".json", ".json.gz", ".json.bz2", ".json.xz")
@@ -186,6 +186,12 @@ FORMATS: dict[str, Callable[..., Iterator[Frame]]] = {
 }
 
 
+def takes_option(format: str, option: str) -> bool:
+    """Whether the reader of ``format`` takes ``option`` (the directory reader passes options on)."""
+    reader = FORMATS[format]
+    return format == "directory" or option in inspect.signature(reader).parameters
+
+
 def read_frames(
     path: str | Path,
     format: str | None = None,
@@ -198,7 +204,9 @@ def read_frames(
     """Frames of any supported file or directory; ``format`` is guessed when not given.
 
     ``options`` go to the reader (e.g. ``method=`` for ANI, ``energy_key=`` for MPtrj,
-    ``type_map=`` for DeePMD); an option no reader takes is a TypeError.
+    ``type_map=`` for DeePMD, ``keys=``/``ignore=`` for the ASE formats and pymatgen entries:
+    :mod:`lampretrain.io.labels`); an option no reader takes is a TypeError.  Label-like data a
+    reader leaves out reaches ``on_error`` as a :class:`ReadWarning` (a Python warning without one).
     """
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; known: {sorted(FORMATS)}")

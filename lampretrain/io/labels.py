@@ -100,14 +100,13 @@ class LabelMap:
 
     def _set(self, frame: Frame, label: str, value: Any, origin: str, index: object) -> None:
         key = origin.split(".", 1)[1]
+        if label == "virial" and frame.cell is None:
+            raise ReadError(f"'{key}' holds a virial but the frame has no cell (a molecule): a virial needs a volume; "
+                            f"leave it out with ignore: [{key}]", self.path, index, key)
         try:
             if label in self.convert:
                 value = self.convert[label](value)
             if label == "virial":
-                if frame.cell is None:
-                    raise ReadError(
-                        f"'{key}' holds a virial but the frame has no cell (a molecule): a virial needs a volume; "
-                        f"leave it out with ignore: [{key}]", self.path, index, key)
                 frame.stress = virial_to_stress(value, frame.cell)
             elif label in ("energy", "charge", "spin"):
                 setattr(frame, label, float(np.asarray(value, dtype=np.float64).reshape(())))

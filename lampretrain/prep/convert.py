@@ -49,6 +49,17 @@ def part_paths(work: Path, task: Task) -> tuple[Path, Path]:
     return stem.with_suffix(".records"), stem.with_suffix(".meta")
 
 
+# Labels the census counts: present or not, and under which source key (Frame.label_keys).
+CENSUS_LABELS = ("energy", "forces", "stress", "magmoms", "charge", "spin")
+
+
+def label_sources(frame: Frame) -> dict[str, str]:
+    """label → the key it came from, for each label the frame has (a reader that names none: "unnamed")."""
+    return {
+        label: frame.label_keys.get(label, "unnamed") for label in CENSUS_LABELS if getattr(frame, label) is not None
+    }
+
+
 def frame_meta(frame: Frame, nl: NeighborList, settings: Settings) -> dict[str, Any]:
     """What the index and the statistics need, so stage 2 never re-reads a record."""
     n_edges, n_angles = graph_counts(nl, frame.natoms, settings.cutoff, settings.three_body_cutoff)
@@ -86,16 +97,22 @@ def checked_neighbors(frame: Frame, settings: Settings) -> NeighborList:
 
 def run_task(task: Task, work: str, settings: Settings) -> dict[str, int]:
     """Convert one input; returns counts for the progress report."""
-    from ..io import ReadError, read_frames
+    from ..io import ReadError, ReadWarning, read_frames
 
     records_path, meta_path = part_paths(Path(work), task)
     if meta_path.exists():
         return {"done": 1, "resumed": 1}
     skipped: list[dict[str, str]] = []
+    warnings: list[dict[str, Any]] = []
     frames_meta: list[dict[str, Any]] = []
+    key_sets: dict[tuple, int] = {}  # each distinct label_sources() once; frames point into it
 
     def on_error(err: ReadError) -> None:
-        skipped.append({"source": getattr(err, "source", None) or task.path, "kind": "read_error", "reason": str(err)})
+        where = getattr(err, "source", None) or task.path
+        if isinstance(err, ReadWarning):
+            warnings.append({"source": where, "keys": err.keys, "reason": str(err)})
+        else:
+            skipped.append({"source": where, "kind": "read_error", "reason": str(err)})
 
     records_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_records = records_path.with_name(f".{records_path.name}.tmp-{os.getpid()}")
@@ -120,7 +137,8 @@ def run_task(task: Task, work: str, settings: Settings) -> dict[str, int]:
                 except FrameError as err:
                     skipped.append({"source": frame.source, "kind": "invalid", "reason": str(err)})
                     continue
-                meta.update(offset=offset, length=len(data))
+                sources = tuple(sorted(label_sources(frame).items()))
+                meta.update(offset=offset, length=len(data), keys=key_sets.setdefault(sources, len(key_sets)))
                 out.write(data)
                 offset += len(data)
                 frames_meta.append(meta)
@@ -130,7 +148,8 @@ def run_task(task: Task, work: str, settings: Settings) -> dict[str, int]:
         os.fsync(out.fileno())
     os.replace(tmp_records, records_path)
     meta_blob = msgpack.packb(
-        {"frames": frames_meta, "skipped": skipped, "frames_read": frames_in},
+        {"frames": frames_meta, "skipped": skipped, "warnings": warnings, "frames_read": frames_in,
+         "key_sets": [dict(sources) for sources in key_sets]},
         use_bin_type=True,
     )
     tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")

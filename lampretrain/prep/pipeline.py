@@ -33,10 +33,10 @@ from ..store.index import (
     shard_name,
 )
 from .assemble import index_columns, plan_store
-from .convert import Settings, Task, load_meta, part_paths, run_task
+from .convert import CENSUS_LABELS, Settings, Task, load_meta, part_paths, run_task
 from .executor import run_parallel
 from .shards import ShardJob, write_shard
-from .spec import PrepSpec
+from .spec import PrepSpec, SourceSpec
 from .stats import dataset_stats
 
 
@@ -59,10 +59,20 @@ def expand_tasks(spec: PrepSpec) -> list[Task]:
                     dataset=source.dataset,
                     level_of_theory=source.level_of_theory,
                     format=source.format,
-                    options=tuple(sorted(source.options.items())),
+                    options=tuple(sorted({**source.options, **_label_options(source)}.items())),
                 )
             )
     return tasks
+
+
+def _label_options(source: SourceSpec) -> dict[str, Any]:
+    """The reader options of a source's ``keys:`` and ``ignore:`` (only when given, so other readers never see them)."""
+    options: dict[str, Any] = {}
+    if source.keys.mapped():
+        options["keys"] = source.keys.mapped()
+    if source.ignore:
+        options["ignore"] = list(source.ignore)
+    return options
 
 
 def spec_digest(spec: PrepSpec) -> str:
@@ -113,11 +123,13 @@ def prepare(
 
     datasets = list(dict.fromkeys(source.dataset for source in spec.sources))
     dataset_id = {name: k for k, name in enumerate(datasets)}
-    metas, skipped, frames_read = [], [], 0
+    metas, skipped, warnings, frames_read, key_sets = [], [], [], 0, {}
     for task in tasks:
         part = load_meta(work, task)
         frames_read += part["frames_read"]
         skipped += part["skipped"]
+        warnings += part["warnings"]
+        key_sets[task.number] = part["key_sets"]
         metas += [(task.number, dataset_id[task.dataset], m) for m in part["frames"]]
     plan = plan_store(metas, spec.split, spec.dedup, int(spec.shard_size_mb * 2**20))
     skipped += plan.duplicates
@@ -143,6 +155,8 @@ def prepare(
         "skipped_records": skipped,
         "per_split": {split: int((columns["split"] == k).sum()) for k, split in enumerate(SPLITS)},
         "per_dataset": {name: int((columns["dataset"] == k).sum()) for k, name in enumerate(datasets)},
+        "labels": label_census(plan, datasets, key_sets),
+        "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(out / "report.json", report)
@@ -188,3 +202,35 @@ def _stats(plan, datasets: list[str]) -> dict[str, Any]:
             [m["force_sq"] for m in train],
         )
     return result
+
+
+def label_census(plan, datasets: list[str], key_sets: dict[int, list[dict[str, str]]]) -> dict[str, Any]:
+    """Per dataset, over the written frames: how many carry each label, and from which source keys."""
+    census: dict[str, Any] = {
+        name: {"frames": 0, **{label: {"frames": 0, "keys": {}} for label in CENSUS_LABELS}} for name in datasets
+    }
+    for record in plan.records:
+        entry = census[datasets[record.dataset]]
+        entry["frames"] += 1
+        for label, key in key_sets[record.task][record.meta["keys"]].items():
+            entry[label]["frames"] += 1
+            entry[label]["keys"][key] = entry[label]["keys"].get(key, 0) + 1
+    return census
+
+
+def census_lines(report: dict[str, Any]) -> list[str]:
+    """The census as text: first one line per dataset with no forces at all, then a line per dataset."""
+    census = report.get("labels", {})
+    lines = [
+        f"WARNING: dataset {name} has forces on 0 % of its {c['frames']} frames (energies only)"
+        for name, c in census.items() if c["frames"] and c["forces"]["frames"] == 0
+    ]
+    for name, c in census.items():
+        parts = []
+        for label in CENSUS_LABELS:
+            count = c[label]["frames"]
+            if count:
+                keys = ", ".join(c[label]["keys"])
+                parts.append(f"{label} {100 * count / c['frames']:.0f} % ({keys})")
+        lines.append(f"  {name}: {c['frames']} frames; " + ("; ".join(parts) or "no labels"))
+    return lines

@@ -10,6 +10,10 @@ Example (``data_prep/*.yaml`` hold one per public source)::
         dataset: mptrj
         level_of_theory: PBE/PBE+U
         options: {energy_key: uncorrected_total_energy}
+      - path: raw/fitting_set.extxyz
+        dataset: my_pbe
+        keys: {energy: DFT_energy, forces: force, virial: virial}   # names in the file
+        ignore: [REF_charges]                                       # label-like keys left out on purpose
     split: {val: 0.05, group_by: mp_id}
 """
 
@@ -19,7 +23,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, from_dict, load_yaml
+from ..config import ConfigError, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class LabelKeys:
+    """Where a source keeps each label, when not where its reader looks (``lampretrain.io.labels``).
+
+    Per-atom labels (forces, magmoms) name a per-atom array (extxyz ``Properties``), the others a
+    per-frame value (extxyz comment line, ASE db key, an entry's ``data``); values in eV, Å, eV/Å,
+    stress eV/Å³ with ASE's sign, a virial in eV (σ = −W / V).  Read by the ASE formats (extxyz,
+    ``ase``, ``ase_db``, ``aselmdb``) and by ``pymatgen_json`` entries.
+    """
+
+    energy: str | None = None
+    forces: str | None = None
+    stress: str | None = None
+    virial: str | None = None
+    magmoms: str | None = None
+    charge: str | None = None
+    spin: str | None = None
+
+    def check(self) -> None:
+        if self.stress and self.virial:
+            raise ConfigError("map either stress or virial, not both (they are one label)")
+
+    def mapped(self) -> dict[str, str]:
+        return {label: key for label, key in to_dict(self).items() if key}
 
 
 @dataclass
@@ -31,13 +61,20 @@ class SourceSpec:
     level_of_theory: str = ""
     format: str | None = None  # a reader name from lampretrain.io.FORMATS; guessed when absent
     include: str | None = None  # glob under ``path``: each match is one parallel task
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the reader (key mapping, method, ...)
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the reader (method, energy_key, ...)
+    keys: LabelKeys = field(default_factory=LabelKeys)  # label → name in the file
+    ignore: list[str] = field(default_factory=list)  # label-like keys left out without a warning
 
     def check(self) -> None:
-        from ..io import FORMATS
+        from ..io import FORMATS, takes_option
 
         if self.format is not None and self.format not in FORMATS:
             raise ConfigError(f"format: unknown format '{self.format}'; known formats: {', '.join(sorted(FORMATS))}")
+        if (self.keys.mapped() or self.ignore) and self.format is not None and not takes_option(self.format, "keys"):
+            keyed = ", ".join(name for name in sorted(FORMATS) if takes_option(name, "keys"))
+            raise ConfigError(f"keys: format '{self.format}' has fixed names; keys and ignore apply to {keyed}")
+        if {"keys", "ignore"} & set(self.options):
+            raise ConfigError("options: give keys and ignore as the source's own keys: and ignore: entries")
         if not self.dataset:
             raise ConfigError("dataset: must be a non-empty name")
 

@@ -78,11 +78,12 @@ def _inspect(args: argparse.Namespace) -> int:
         per_split = ", ".join(f"{s} {int((rows & (index.split == j)).sum())}" for j, s in enumerate(SPLITS))
         print(f"  {name}: {per_split}; atoms {int(index.natoms[rows].sum())}, edges {int(index.n_edges[rows].sum())}")
     report_path = Path(args.store) / "report.json"
-    if report_path.is_file():  # a store from before the label census has none to print
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if "labels" in report:  # a store prepared before the label census has none to print
         from .prep.pipeline import census_lines
 
         print("labels per dataset (share of written frames, source keys):")
-        for line in census_lines(json.loads(report_path.read_text())):
+        for line in census_lines(report):
             print(line)
     print(json.dumps(index.stats(), indent=1))
     return 0

@@ -345,3 +345,18 @@ def test_unread_deepmd_arrays_are_named(tmp_path: Path) -> None:
         f"{system / 'set.000'}#0: atom_ener.npy not read (no Frame label holds them)"
     ]
     assert re.search("atom_ener", seen[0].keys[0])
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"keys": {"force": "force"}}, "sources[0].keys: unknown key 'force'; allowed keys: energy, forces, stress"),
+    ({"keys": {"stress": "s", "virial": "v"}}, "sources[0].keys: map either stress or virial, not both"),
+    ({"format": "deepmd", "keys": {"forces": "f"}}, "sources[0].keys: format 'deepmd' has fixed names"),
+])
+def test_a_wrong_keys_entry_is_one_line_naming_it(tmp_path: Path, source: dict, message: str) -> None:
+    from lampretrain.config import ConfigError
+
+    spec = {"name": "x", "output": str(tmp_path / "out"), "sources": [{"path": str(MO), "dataset": "mo", **source}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as err:
+        load_spec(tmp_path / "spec.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)

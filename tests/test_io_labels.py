@@ -227,10 +227,10 @@ def test_prep_census_warnings_and_inspect(tmp_path: Path) -> None:
                              capture_output=True, text=True, check=True).stdout
     assert "WARNING: dataset nof has forces on 0 % of its 4 frames (energies only)" in inspect
     assert "  mapped: 28 frames; energy 100 % (info.DFT_energy); forces 100 % (arrays.force); stress 100 % (info.virial)" in inspect
-    from lampretrain.cli import _print_report
-
     import contextlib
     import io
+
+    from lampretrain.cli import _print_report
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):

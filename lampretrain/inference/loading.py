@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..models import options_saved_before
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train import checkpoint as ckpt
@@ -59,7 +60,8 @@ def model_config_from_meta(meta: dict[str, Any], where: Path) -> MultiTaskConfig
         backbone=model["name"],
         datasets=[DatasetSpec.from_stats(n, stats.get(n, {})) for n in names],
         heads=HeadsConfig.from_dict(model.get("heads") or {}),
-        backbone_options=dict(model.get("options") or {}),
+        # a recipe-only checkpoint predates saved model configs: it was built with the defaults of then
+        backbone_options={**options_saved_before(model["name"]), **(model.get("options") or {})},
     )
 
 

@@ -8,7 +8,7 @@ Each family package (``matris``, ``dpa4``) registers its named sizes with :func:
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -16,18 +16,22 @@ from .backbone import Backbone, check
 
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
 _CONFIGS: dict[str, Callable[..., object]] = {}
+_SAVED_BEFORE: dict[str, dict] = {}
 
 
-def register(name: str, configure: Callable[..., object]):
+def register(name: str, configure: Callable[..., object], saved_before: Mapping[str, object] | None = None):
     """Decorator: ``@register("matris-10m", configure)`` on a function ``(**overrides) -> Backbone``.
 
     ``configure(**overrides)`` returns the backbone's config without building weights, raising
     ``ValueError`` for an unknown or out-of-range option, so a recipe is checked before any model exists.
+    ``saved_before``: options whose default changed since model configs were first saved, with the value
+    they had before (MatRIS ``smooth=False``); a config saved before that change loads with them.
     """
 
     def wrap(fn: Callable[..., torch.nn.Module]):
         _BUILDERS[name] = fn
         _CONFIGS[name] = configure
+        _SAVED_BEFORE[name] = dict(saved_before or {})
         return fn
 
     return wrap
@@ -49,6 +53,12 @@ def _registered(name: str) -> None:
                 raise
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(available())}")
+
+
+def options_saved_before(name: str) -> dict:
+    """The option values a model config saved before its backbone's defaults changed implies (see :func:`register`)."""
+    _registered(name)
+    return dict(_SAVED_BEFORE[name])
 
 
 def build_backbone(name: str, **overrides) -> Backbone:

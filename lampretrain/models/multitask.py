@@ -23,7 +23,7 @@ import torch
 from ..config import ConfigError, from_dict
 from ..graph.batch import GraphBatch, edge_vectors
 from ..model_files import read_model_file
-from . import build_backbone
+from . import build_backbone, options_saved_before
 from .backbone import Backbone, without_retired
 from .conservative import energy_forces_stress
 from .heads import (
@@ -42,6 +42,8 @@ from .layers.mlp import MLP
 from .layers.scatter import scatter_sum
 
 FORCE_MODES = ("conservative", "direct")
+# saved model configs: 2 since MatRIS became smooth by default (models.options_saved_before gives what 1 implied)
+CONFIG_FORMAT = 2
 
 
 @dataclass
@@ -116,12 +118,16 @@ class MultiTaskConfig:
         """From :meth:`to_dict`'s plain data (a checkpoint's ``meta.json``), by the one config validator."""
         out = dict(data)
         out["datasets"] = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_dict(d) for d in data.get("datasets", [])]
+        if out.pop("format", 1) < CONFIG_FORMAT and "backbone" in out:
+            # saved before the backbone's defaults changed: what it left unnamed had the old defaults
+            out["backbone_options"] = {**options_saved_before(out["backbone"]), **(out.get("backbone_options") or {})}
         return from_dict(cls, out, "model")
 
     def to_dict(self) -> dict[str, Any]:
         heads = asdict(self.heads)
         heads["hidden"] = list(self.heads.hidden)
         return {
+            "format": CONFIG_FORMAT,
             "backbone": self.backbone,
             "datasets": [d.to_dict() for d in self.datasets],
             "heads": heads,

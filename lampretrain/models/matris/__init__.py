@@ -12,11 +12,15 @@ from .model import MatRIS
 __all__ = ["MatRIS", "MatRISConfig", "MATRIS_10M", "MATRIS_4M"]
 
 
-@register("matris-10m", MATRIS_10M.with_overrides)
+# model configs saved before the smooth default (format 1) are the published MatRIS
+PUBLISHED = {"smooth": False}
+
+
+@register("matris-10m", MATRIS_10M.with_overrides, PUBLISHED)
 def matris_10m(**overrides) -> MatRIS:
     return MatRIS(MATRIS_10M.with_overrides(**overrides))
 
 
-@register("matris-4m", MATRIS_4M.with_overrides)
+@register("matris-4m", MATRIS_4M.with_overrides, PUBLISHED)
 def matris_4m(**overrides) -> MatRIS:
     return MatRIS(MATRIS_4M.with_overrides(**overrides))

@@ -37,15 +37,21 @@ class InteractionBlock(torch.nn.Module):
         rbf_3b: torch.Tensor,
         topo: Topology,
         recompute_line_graph: bool = False,
+        edge_weight: torch.Tensor | None = None,
+        angle_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        def line(layer, *inputs):
+        """``edge_weight`` (E,) and ``angle_weight`` (A,): the attention envelopes of a smooth model, else None."""
+
+        def line(layer, *inputs, weight=None):
             # keep only the layer inputs alive, also through the force graph (see layers/recompute.py)
             if recompute_line_graph:
-                return recompute(lambda *x: layer(*x, topo), inputs, list(layer.parameters()))
-            return layer(*inputs, topo)
+                n = len(inputs)
+                tensors = inputs if weight is None else (*inputs, weight)  # the weight depends on positions too
+                return recompute(lambda *x: layer(*x[:n], topo, *x[n:]), tensors, list(layer.parameters()))
+            return layer(*inputs, topo) if weight is None else layer(*inputs, topo, weight)
 
-        e, t = line(self.line_attention, e, t)
-        h, e = self.atom_attention(h, e, topo)
+        e, t = line(self.line_attention, e, t, weight=angle_weight)
+        h, e = self.atom_attention(h, e, topo, edge_weight)
         e, t = line(self.line_refinement, e, t, h, rbf_3b)
         h, e = self.atom_refinement(h, e, rbf_pair, topo)
         return h, e, t

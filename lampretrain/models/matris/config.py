@@ -27,6 +27,10 @@ class MatRISConfig:
     norm: str = "layer"
     num_elements: int = 94
     smoothed_edge_delta: bool = True  # atom-graph refinement updates bonds from envelope-weighted messages
+    # True: both attentions weight each edge's softmax share and message by its bond's envelope (each angle's by
+    # both bonds'), so the energy is C¹ where a distance crosses either cutoff (attention.py); same parameters.
+    # False: the published MatRIS, whose attention terms jump there (released weights reproduce it exactly)
+    smooth: bool = True
     # training only: recompute line-graph layers (also in the force graph, layers/recompute.py) when a batch
     # has more angles; None: never. Otherwise each block keeps ~55 kB per angle for the double backward:
     # 4096 keeps a 10-layer step within ~4 GB (27k angles recomputed: ~2.5 GB; not: ~15 GB). Recomputing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,22 @@ class LearnableBessel(torch.nn.Module):
         self.p = envelope_exponent
         self.frequencies = torch.nn.Parameter(math.pi * torch.arange(1, num + 1, dtype=torch.get_default_dtype()))
 
-    def forward(self, r: torch.Tensor) -> torch.Tensor:  # (B,) → (B, num)
-        env = polynomial_envelope(r / self.cutoff, self.p)
+    def envelope(self, r: torch.Tensor) -> torch.Tensor:  # (B,) → (B,)
+        """u_p(r / r_c): 1 at r = 0, zero with its first two derivatives at r_c."""
+        return polynomial_envelope(r / self.cutoff, self.p)
+
+    def forward(self, r: torch.Tensor, env: torch.Tensor) -> torch.Tensor:  # (B,), (B,) → (B, num)
         return math.sqrt(2 / self.cutoff) * sine_bessel(r, self.frequencies / self.cutoff) * env[:, None]
+
+
+class BondBases(NamedTuple):
+    """Per bond: the initial feature and the radial quantities the blocks weight messages with."""
+
+    feature: torch.Tensor  # (B, C) e⁰
+    rbf_pair: torch.Tensor  # (B, R) envelope-multiplied Bessel basis at the pair cutoff
+    rbf_3b: torch.Tensor  # (B, R) the same at the three-body cutoff
+    env_pair: torch.Tensor  # (B,) u_p(r / r_c)
+    env_3b: torch.Tensor  # (B,) u_p(r / r_3b), 0 beyond the three-body cutoff
 
 
 class AtomEmbedding(torch.nn.Module):
@@ -40,7 +54,7 @@ class AtomEmbedding(torch.nn.Module):
 
 
 class BondEmbedding(torch.nn.Module):
-    """e⁰ = SiLU(W_sw LN(W₂ W₁ rbf_pair(r))) plus the two envelope-weighted bases the refinements use."""
+    """e⁰ = SiLU(W_sw LN(W₂ W₁ rbf_pair(r))) plus the envelopes and envelope-weighted bases the blocks use."""
 
     def __init__(self, num_radial: int, dim: int, cutoff: float, three_body_cutoff: float, p: int, norm: str):
         super().__init__()
@@ -51,12 +65,17 @@ class BondEmbedding(torch.nn.Module):
         self.norm = make_norm(norm, dim)
         self.out = torch.nn.Linear(dim, dim, bias=False)
 
-    def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bond lengths (B,) → features (B, C), rbf_pair (B, R), rbf_3b (B, R)."""
-        rbf_pair = self.pair_basis(r)
-        rbf_3b = self.three_body_basis(r)
+    def forward(self, r: torch.Tensor) -> BondBases:
+        """Bond lengths (B,) → e⁰, both bases and both envelopes.
+
+        e⁰ does not vanish at the cutoff (LN(0) = β): only what the blocks sum over bonds has to.
+        """
+        env_pair = self.pair_basis.envelope(r)
+        rbf_pair = self.pair_basis(r, env_pair)
+        env_3b = self.three_body_basis.envelope(r)
+        rbf_3b = self.three_body_basis(r, env_3b)
         e = F.silu(self.out(self.norm(self.linear2(self.linear1(rbf_pair)))))
-        return e, rbf_pair, rbf_3b
+        return BondBases(e, rbf_pair, rbf_3b, env_pair, env_3b)
 
 
 class AngleEmbedding(torch.nn.Module):

@@ -8,10 +8,20 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ...graph.batch import GraphBatch, edge_vectors
 from ..backbone import NodeFeatures
 from ..layers.norms import make_norm
+from ..layers.scatter import gather
 from .block import InteractionBlock
 from .config import MatRISConfig
 from .embedding import AngleEmbedding, AtomEmbedding, BondEmbedding
-from .topology import topology
+from .topology import Topology, topology
+
+
+def attention_weights(
+    env_pair: torch.Tensor, env_3b: torch.Tensor, topo: Topology
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Envelopes of the smooth attentions: w_d = u(r_bond(d) / r_c) per directed edge (E,) and
+    w_a = u(r_tgt / r_3b) · u(r_src / r_3b) per angle (A,), which vanishes as either of its bonds
+    reaches the three-body cutoff. Bond envelopes (B,) in."""
+    return gather(env_pair, topo.bond), gather(env_3b, topo.angle_target) * gather(env_3b, topo.angle_source)
 
 
 class MatRIS(torch.nn.Module):
@@ -66,8 +76,12 @@ class MatRIS(torch.nn.Module):
         unit = vec / length[:, None]
         e1, e2 = batch.angle_index
         h = self.atom_embedding(batch.numbers)  # (N, C_a)
-        e, rbf_pair, rbf_3b = self.bond_embedding(length[topo.bond_edge])  # (B, C_b), (B, R), (B, R)
+        bases = self.bond_embedding(length[topo.bond_edge])
+        e = bases.feature  # (B, C_b)
         t = self.angle_embedding(unit[e1], unit[e2])  # (A, C_t)
+        edge_weight = angle_weight = None
+        if self.config.smooth:
+            edge_weight, angle_weight = attention_weights(bases.env_pair, bases.env_3b, topo)
         limit = self.config.checkpoint_angles
         # training only: inference keeps its single-backward force graph, recomputing would cost time for memory
         # it can spare. Under symbolic tracing (export) the angle count is a free symbol: branching on it would
@@ -79,5 +93,5 @@ class MatRIS(torch.nn.Module):
             and statically_known_true(topo.num_angles > limit)
         )
         for block in self.blocks:
-            h, e, t = block(h, e, t, rbf_pair, rbf_3b, topo, recompute)
+            h, e, t = block(h, e, t, bases.rbf_pair, bases.rbf_3b, topo, recompute, edge_weight, angle_weight)
         return NodeFeatures(self.readout_norm(h), None)

@@ -20,6 +20,15 @@ OXIDES = REAL / "fairchem_oxides_asedb/oxides.db"
 SMALL_GRAPHS = {"cutoff": 4.0, "three_body_cutoff": 3.0}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (rendezvous, Ray heads: never a fixed or derived port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_store(out: Path, sources: list[dict], val: float = 0.2, graphs: dict | None = None) -> Path:
     """``sources`` prepared into a store at ``out`` (``graphs``: prep cutoffs, default :data:`SMALL_GRAPHS`)."""
     graphs = SMALL_GRAPHS if graphs is None else graphs

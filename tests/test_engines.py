@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune_support import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "data" / "real"
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "ddp+accum", "fsdp+accum", "zero3+accum"]
@@ -34,14 +36,6 @@ TINY = {
     # random_roll off: the 1-rank reference draws the rolls of both micro-batches from one RNG stream
     "dpa4-neo": dict(channels=8, lmax=2, n_blocks=1, so2_layers=1, n_radial=6, cutoff=5.0, random_roll=False),
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -28,6 +28,8 @@ from lampretrain.store.index import SPLITS, StoreIndex
 from lampretrain.store.lmdb_shards import LmdbShardReader
 from lampretrain.store.wds_shards import WdsShardReader
 
+from finetune_support import free_port
+
 REAL = Path(__file__).parent / "data" / "real"
 REPO = Path(__file__).parent.parent
 
@@ -264,8 +266,9 @@ def test_prep_on_a_ray_cluster_equals_local_processes(tmp_path, store):
     if ray_bin is None:
         pytest.skip("ray is not installed (pip install 'lampretrain[ray]')")
     index, _ = store
-    port = 26379 + os.getpid() % 1000
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    port = free_port()  # a port derived from the pid met another run's token-authenticated head once
+    # a token in ~/.ray/auth_token (left by `ray get-auth-token --generate`) turns token auth on for the head only
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     start = [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)

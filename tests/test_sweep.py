@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from lampretrain.finetune.sweep import SweepSpec, load_sweep, run_sweep
 from lampretrain.recipe import parse_recipe
 from lampretrain.train import pretrain
 
-from finetune_support import FEO, REAL, REPO, make_store, oxides_slice, tiny_recipe
+from finetune_support import FEO, REAL, REPO, free_port, make_store, oxides_slice, tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,12 +88,6 @@ def test_sweep_spec_is_validated(base):
     assert shipped.scheduler.kind == "asha" and len(shipped.space) >= 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _processes_under(temp: Path) -> list[int]:
     """Processes whose command line names ``temp`` (the nodes' session dir): this test's Ray processes only."""
     found = []
@@ -116,7 +109,7 @@ def loopback_cluster(env: dict[str, str]) -> Iterator[str]:
     """
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     temp = Path("/tmp") / f"ray-lt-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     groups = []
     try:

@@ -24,16 +24,10 @@ from lampretrain.recipe import ScheduleSection, load_recipe, parse_recipe
 from lampretrain.train import checkpoint as ckpt
 from lampretrain.train.schedules import lr_factor
 
+from finetune_support import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "data" / "real"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

@@ -22,17 +22,11 @@ import yaml
 
 from lampretrain.train.validation import error_sums, metrics
 
+from finetune_support import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "data" / "real"
 MAX_NATOMS = 30
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from lampretrain import cli
+from lampretrain.files import file_sha256
 from lampretrain.train import checkpoint as ckpt
 
 from finetune_support import FEO, oxides_slice, tiny_run
@@ -89,7 +90,7 @@ def _bytes(raw: bytes) -> bytes:
 
 def _seal(directory: Path) -> None:
     """Rewrite COMPLETE.json for the directory's current files, as an attacker who planted them would."""
-    files = {f.name: {"size": f.stat().st_size, "sha256": ckpt._sha256(f)}
+    files = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(directory.iterdir()) if f.is_file() and f.name != ckpt.MARKER}
     step = json.loads((directory / ckpt.MARKER).read_text())["step"]
     (directory / ckpt.MARKER).write_text(json.dumps({"step": step, "files": files}))

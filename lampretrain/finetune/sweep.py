@@ -350,7 +350,7 @@ def _callback(output: Path, uri: str):
                 client = MlflowClient(uri)
                 client.set_tag(record["mlflow_run_id"], "stopped_early", "asha")
                 client.set_terminated(record["mlflow_run_id"], "KILLED")
-            from ..store.index import atomic_write_json
+            from ..files import atomic_write_json
 
             atomic_write_json(output / "trials" / f"{record['key']}.json", record)
 

@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ..files import atomic_write_bytes
 from ..frames import Frame, FrameError
 from ..neighbors import NeighborList, graph_counts, neighbor_list
 from ..store.codec import encode_frame
@@ -152,9 +153,7 @@ def run_task(task: Task, work: str, settings: Settings) -> dict[str, int]:
          "key_sets": [dict(sources) for sources in key_sets]},
         use_bin_type=True,
     )
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
-    tmp_meta.write_bytes(meta_blob)
-    os.replace(tmp_meta, meta_path)
+    atomic_write_bytes(meta_path, meta_blob)
     return {"done": 1, "frames": len(frames_meta), "skipped": len(skipped)}
 
 

@@ -24,14 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, to_dict
-from ..store.index import (
-    SPLITS,
-    STORE_SCHEMA,
-    STORE_VERSION,
-    atomic_save_npy,
-    atomic_write_json,
-    shard_name,
-)
+from ..files import atomic_save_npy, atomic_write_json
+from ..store.index import SPLITS, STORE_SCHEMA, STORE_VERSION, shard_name
 from .assemble import index_columns, plan_store
 from .convert import CENSUS_LABELS, Settings, Task, load_meta, part_paths, run_task
 from .executor import run_parallel

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from ..files import file_sha256
 
 
 @dataclass(frozen=True)
@@ -14,14 +15,6 @@ class ShardJob:
     path: str
     first_row: int  # store row of the shard's first record (WebDataset keys are store rows)
     pieces: tuple[tuple[str, int, int], ...]  # (part file, offset, length) per record, in shard order
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _records(pieces: tuple[tuple[str, int, int], ...]) -> Iterator[bytes]:

@@ -29,7 +29,6 @@ checkpoint can have a valid one, which is why the readers above do not trust it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from ..errors import UserError, one_line
+from ..files import file_sha256, fsync_dir
 
 MARKER = "COMPLETE.json"
 META = "meta.json"
@@ -199,22 +199,6 @@ class _TensorOnlyLoadPlanner(DefaultLoadPlanner):
         raise CheckpointError(f"checkpoint holds a non-tensor item '{read_item.dest_index.fqn}'; refusing to unpickle it")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
     """Complete-looking checkpoints (named ``step-N``), oldest first."""
     root = Path(root)
@@ -242,7 +226,7 @@ def verify(path: Path, hashes: bool = True) -> None:
             raise CheckpointError(f"{path}: file {name} is missing")
         if f.stat().st_size != entry["size"]:
             raise CheckpointError(f"{path}: file {name} has {f.stat().st_size} bytes, marker says {entry['size']}")
-        if hashes and _sha256(f) != entry["sha256"]:
+        if hashes and file_sha256(f) != entry["sha256"]:
             raise CheckpointError(f"{path}: file {name} does not match its SHA-256 (corrupted)")
 
 
@@ -300,7 +284,7 @@ def set_aside(root: Path, paths: list[Path]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for path in paths:
         os.rename(path, dest / path.name)
-    _fsync_dir(root)
+    fsync_dir(root)
     return dest
 
 
@@ -320,7 +304,7 @@ def save(root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, A
     if rank == 0:
         (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
         files = {
-            f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+            f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
             for f in sorted(tmp.iterdir())
             if f.is_file() and f.name != MARKER
         }
@@ -328,13 +312,13 @@ def save(root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, A
             json.dump({"step": step, "files": files}, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # not written by this run (e.g. a corrupt one resume skipped): kept, never replaced
             moved = set_aside(root, [final])
             warnings.warn(f"{final} existed and was not written by this run; moved to {moved}", RuntimeWarning,
                           stacklevel=2)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -369,9 +353,14 @@ def load(path: Path, tensors: dict[str, Any], sparse: str | None = None) -> None
             elif not all(present):
                 raise CheckpointError(f"{path}: {sparse} state of '{name}' is only partly saved")
     try:
-        # no_dist: outside a process group (evaluate, export, the calculator) this rank reads it all
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner(),
-                 no_dist=not dist.is_initialized())
+        # no_dist: outside a process group (evaluate, export, the calculator) this rank reads it all. torch
+        # (2.13) still warns that it assumes a single process when told so, on every model load: that one
+        # message is silenced, nothing else.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized, "
+                                    "assuming the intent is to load in a single process", UserWarning)
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), planner=_TensorOnlyLoadPlanner(),
+                     no_dist=not dist.is_initialized())
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # DCP's CheckpointException is a BaseException wrapping each rank's failure

@@ -21,14 +21,35 @@ import json
 import sys
 from pathlib import Path
 
+# Only what builds the parsers is imported here: `lampretrain VERB --help` must answer at once (benchmark:
+# `lampretrain bench cli`), and torch with the training stack takes seconds to import. Each verb imports its own.
 from .bench import BENCHES
 from .errors import EXIT_USAGE, UserError, one_line
 from .finetune.cli import add_parser as add_finetune_parser
-from .finetune.cli import run as run_finetune
 from .inference.cli import add_parser as add_inference_parser
-from .inference.cli import run as run_inference
 from .launch.cli import add_parser as add_launch_parser
-from .launch.cli import run as run_launch
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Prose paragraphs are refilled to the terminal; a paragraph with indented lines (examples, option tables) is
+    printed as written, so a command line is never broken in the middle."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.strip("\n").split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``lampretrain`` parser and every verb's (argparse gives subparsers their parent's class)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 def _prep(args: argparse.Namespace) -> int:
@@ -136,15 +157,28 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lampretrain",
-        description="Pretraining of large atomistic models: data prep, training, fine-tuning, benchmarks.",
+        description="Pretraining of large atomistic models: data prep, training, fine-tuning, benchmarks. "
+        "`lampretrain COMMAND --help` shows each command's options and examples.",
+        epilog="examples:\n"
+        "  lampretrain demo --set train.steps=50\n"
+        "  lampretrain inspect outputs/demo/store\n"
+        "  lampretrain evaluate outputs/demo/matris outputs/demo/store --out outputs/demo/eval",
     )
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error as well as its one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the main job on the bundled real DFT data (no servers)")
+    p = sub.add_parser(
+        "demo",
+        help="run the main job on the bundled real DFT data (no servers)",
+        description="Prepare the bundled real DFT fixtures into OUTPUT/store (data_prep/demo.yaml) and pretrain the "
+        "demo recipe (recipes/demo-MODEL.yaml) into OUTPUT/MODEL, resuming a run that is already there.",
+        epilog="examples:\n"
+        "  lampretrain demo --set train.steps=50\n"
+        "  lampretrain demo --model dpa4 --output outputs/demo --workers 2",
+    )
     p.add_argument("--output", default="outputs/demo", help="where the demo writes (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
     p.add_argument("--model", choices=["matris", "dpa4"], default="matris", help="which demo recipe (default: %(default)s)")
@@ -153,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a model from a recipe (DDP, FSDP2 or DeepSpeed; one CPU to many nodes)",
-        description="Validate RECIPE (recipes/*.yaml) and train. Multi-process: "
-        "`torchrun --nproc_per_node N -m lampretrain.cli pretrain RECIPE` (or the deepspeed launcher); "
-        "SIGTERM/SIGUSR1 write a checkpoint and exit.",
+        description="Validate RECIPE (recipes/*.yaml) and train; SIGTERM/SIGUSR1 write a checkpoint and exit. "
+        "Multi-process: under torchrun (below) or the deepspeed launcher.",
+        epilog="examples:\n"
+        "  lampretrain pretrain recipes/demo-matris.yaml --set train.steps=50\n"
+        "  torchrun --nproc_per_node 8 -m lampretrain.cli pretrain recipes/matris-10m-omat24-salex-mptrj.yaml "
+        "--resume auto",
     )
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
@@ -169,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert raw DFT files into a sharded LMDB + WebDataset store",
         description="Read the sources of SPEC (see data_prep/*.yaml), validate, deduplicate, split by content hash, "
         "and write shards, index, statistics and a report. Re-running after a crash resumes.",
+        epilog="examples:\n"
+        "  lampretrain prep data_prep/demo.yaml --output outputs/demo/store --workers 2\n"
+        "  lampretrain prep data_prep/omat24.yaml --ray-address auto",
     )
     p.add_argument("spec", help="prep spec YAML")
     p.add_argument("--output", help="override the spec's output directory")
@@ -177,16 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rebuild a store that is already complete")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("inspect", help="summarise a prepared store")
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a prepared store",
+        description="Print what STORE holds: frames per dataset and split, atoms and edges, the label census of "
+        "its prep report and the per-dataset statistics (element references, RMS).",
+        epilog="examples:\n"
+        "  lampretrain inspect outputs/demo/store",
+    )
     p.add_argument("store", help="store directory (holds manifest.json)")
 
     p = sub.add_parser(
         "bench",
         help="benchmarks printing JSON lines, saved to benchmarks/results/<date>-<machine>.jsonl",
-        description="Benchmarks: prep, loader, balance, model, train, scaling, cost; `all [--quick]` runs each and "
-        "renders a summary (Markdown table + PNG), `summary [RESULTS.jsonl]` renders one. Options after KIND go to "
+        description="Benchmarks: prep, loader, balance, model, train, scaling, cost, cli; `all [--quick]` runs each "
+        "and renders a summary (Markdown table + PNG), `summary [RESULTS.jsonl]` renders one. Options after KIND go to "
         "that benchmark (`lampretrain bench prep --help`); every benchmark also takes `--results PATH` (append the "
         "JSON lines there instead of benchmarks/results/<date>-<machine>.jsonl) and `--no-save` (print only).",
+        epilog="examples:\n"
+        "  lampretrain bench cli --repeat 3\n"
+        "  lampretrain bench balance --ranks 64 --strategy cost --no-save\n"
+        "  lampretrain bench all --quick",
     )
     p.add_argument("kind", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of that benchmark")
@@ -197,26 +248,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# command → "module:function", imported only for the command that runs
+COMMANDS = {
+    "prep": "lampretrain.cli:_prep",
+    "inspect": "lampretrain.cli:_inspect",
+    "demo": "lampretrain.cli:_demo",
+    "pretrain": "lampretrain.cli:_pretrain",
+    "bench": "lampretrain.cli:_bench",
+    "launch": "lampretrain.launch.cli:run",
+    "finetune": "lampretrain.finetune.cli:run",
+    "sweep": "lampretrain.finetune.cli:run",
+    "change-bias": "lampretrain.finetune.cli:run",
+    "evaluate": "lampretrain.inference.cli:run",
+    "export": "lampretrain.inference.cli:run",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a :class:`UserError` is printed as one line (``error: ...``) with exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {
-        "prep": _prep,
-        "inspect": _inspect,
-        "demo": _demo,
-        "pretrain": _pretrain,
-        "bench": _bench,
-        "launch": run_launch,
-        "finetune": run_finetune,
-        "sweep": run_finetune,
-        "change-bias": run_finetune,
-        "evaluate": run_inference,
-        "export": run_inference,
-    }
+    module, function = COMMANDS[args.command].split(":")
     try:
-        return commands[args.command](args)
+        return getattr(importlib.import_module(module), function)(args)
     except UserError as err:
         if args.debug:
             import traceback

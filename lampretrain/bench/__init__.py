@@ -8,6 +8,7 @@ BENCHES = {
     "train": "lampretrain.bench.train",
     "scaling": "lampretrain.bench.scaling",
     "cost": "lampretrain.bench.cost_fit",
+    "cli": "lampretrain.bench.cli_help",
     "all": "lampretrain.bench.suite",
     "summary": "lampretrain.bench.summary",
 }

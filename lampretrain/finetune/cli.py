@@ -13,6 +13,9 @@ def add_parser(subparsers) -> None:
         "recipe leaves out (model, objective, engine) come from the checkpoint's own recipe. Before step 0 the "
         "trained head's element references are refit on the new data (change-bias) and the step-0 energy MAE is "
         "printed before and after; the result is exported to OUTPUT/model.pt with LoRA adapters folded back.",
+        epilog="examples (after `lampretrain demo`):\n"
+        "  lampretrain finetune recipes/finetune-demo.yaml --from outputs/demo/matris\n"
+        "  lampretrain finetune recipes/finetune-property.yaml --from outputs/demo/matris --set train.steps=20",
     )
     p.add_argument("recipe", help="fine-tuning recipe YAML")
     p.add_argument("--from", dest="checkpoint", help="pretrained checkpoint directory (checkpoints/step-N) or a run directory (its newest checkpoint); "
@@ -30,6 +33,9 @@ def add_parser(subparsers) -> None:
         "STORE (least absolute deviations of the per-atom energy, so the MAE on those frames can only go down; "
         "backbone and heads untouched) and save the model to --out, which evaluate, export and the calculator load. "
         "Prints each head's energy MAE before and after.",
+        epilog="examples (after `lampretrain demo`):\n"
+        "  lampretrain change-bias outputs/demo/matris outputs/demo/store --out refit.pt\n"
+        "  lampretrain change-bias outputs/demo/matris outputs/demo/store --datasets water spice --out refit.pt",
     )
     p.add_argument("checkpoint", help="checkpoint directory, run directory or saved model file")
     p.add_argument("store", help="prepared store whose dataset names are heads of the model")
@@ -46,6 +52,9 @@ def add_parser(subparsers) -> None:
         "(ASHA stops poor ones early). A local Ray (dashboard off, 127.0.0.1) is started unless --address joins a "
         "cluster. Failed trials are listed with their error; finished trials are recorded in OUTPUT/trials and a "
         "re-run replays them instead of training again. Writes OUTPUT/summary.csv and OUTPUT/best.",
+        epilog="examples (after `lampretrain demo`):\n"
+        "  lampretrain sweep recipes/sweep-demo.yaml --set num_samples=1\n"
+        "  lampretrain sweep recipes/sweep-demo.yaml --address auto",
     )
     p.add_argument("sweep", help="sweep YAML")
     p.add_argument("--address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a local one")

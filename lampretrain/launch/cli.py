@@ -30,9 +30,9 @@ Validation runs before anything is written or submitted and names the failing fi
 
 examples:
   lampretrain launch recipes/demo-matris.yaml --cluster local --nodes 2 --set train.steps=20
-  lampretrain launch recipes/matris-10m.yaml --cluster slurm --profile cluster/profiles/slurm-example.yaml \\
-      --nodes 4 --gpus-per-node 8 --submit
-  lampretrain launch recipes/sweep.yaml --cluster k8s --job sweep --profile cluster/profiles/k8s-example.yaml
+  lampretrain launch recipes/matris-10m-omat24-salex-mptrj.yaml --cluster slurm \\
+      --profile cluster/profiles/slurm-example.yaml --nodes 4 --gpus-per-node 8 --submit
+  lampretrain launch recipes/sweep-demo.yaml --cluster k8s --job sweep --profile cluster/profiles/k8s-example.yaml
 """
 
 
@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "launch",
         help="run a recipe on Slurm, Ray on Slurm, Kubernetes or locally (multi-node)",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # its option table and examples are laid out by hand
     )
     p.add_argument("target", metavar="RECIPE", help="recipe YAML (pretrain) or sweep YAML (--job sweep)")
     p.add_argument("--cluster", required=True, choices=CLUSTERS, help="where to run")

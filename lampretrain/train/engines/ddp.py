@@ -13,12 +13,23 @@ forward and also works through the force graph.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import Engine, OptimizerFactory
 from ._dcp_state import load_model_optimizer_state, model_optimizer_state
+
+# Buffers are not broadcast before each forward: every buffer of the models and objectives is a constant that each
+# rank computes alike (element references, bases, grids). torch 2.13 renamed the switch and warns (FutureWarning) on
+# the old name; its new one still syncs buffers once at construction, as it does the parameters, which is harmless
+# for buffers that are equal on every rank.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class DDPEngine(Engine):
@@ -35,7 +46,7 @@ class DDPEngine(Engine):
         super().__init__(module.to(device), device, autocast)
         ids = [device.index] if device.type == "cuda" else None
         self.wrapped = DistributedDataParallel(
-            self.module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters
+            self.module, device_ids=ids, find_unused_parameters=find_unused_parameters, **_NO_BUFFER_SYNC
         )
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(self.params)

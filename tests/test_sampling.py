@@ -12,7 +12,6 @@ from lampretrain.sampling import (
     CostModel,
     OversizeWarning,
     dataset_weights,
-    draw_epoch,
     effective_mix,
     epoch_counts,
     weights_from_mapping,
@@ -52,9 +51,10 @@ def test_epoch_counts_sum_exactly_and_follow_weights():
     np.testing.assert_array_equal(epoch_counts([7, 3], np.array([0.7, 0.3])), [7, 3])
 
 
-def test_draw_epoch_oversamples_whole_permutations():
+def test_epoch_draw_oversamples_whole_permutations():
     dataset = np.array([0] * 50 + [1] * 5)
-    idx = draw_epoch(dataset, np.array([0.5, 0.5]), np.random.default_rng(1))
+    sampler = BalancedBatchSampler(np.ones(55), 10.0, dataset=dataset, weights=np.array([0.5, 0.5]), seed=1)
+    idx = sampler.epoch_order(0)
     small = idx[dataset[idx] == 1]
     repeats = np.bincount(small, minlength=55)[50:]
     assert small.size == 27 and sorted(repeats) == [5, 5, 5, 6, 6]  # 5 whole permutations, then a prefix
@@ -62,6 +62,7 @@ def test_draw_epoch_oversamples_whole_permutations():
     assert big.size == 28 and np.unique(big).size == 28  # under-sampled: no repeats
     mix = effective_mix(idx, dataset, natoms=np.ones(55), names=["a", "b"], weights=np.array([0.5, 0.5]))
     assert mix["b"]["frames"] == pytest.approx(27 / 55) and mix["b"]["target"] == 0.5
+    assert sampler.mix(0, natoms=np.ones(55), names=["a", "b"]) == mix  # the sampler counts the same epoch
 
 
 def test_cost_model_and_fit():
@@ -83,20 +84,20 @@ def test_every_frame_once_per_epoch_with_equal_steps(world):
     natoms = _sizes(3000)
     samplers, batches = _all_ranks(natoms.astype(float), 900.0, world, seed=5)
     steps = {len(b) for b in batches}
-    assert len(steps) == 1 and steps.pop() == len(samplers[0])  # DDP needs the same count on every rank
+    assert len(steps) == 1 and steps.pop() == samplers[0].plan(0).steps  # DDP needs the same count on every rank
     seen = np.concatenate([np.concatenate([np.array(x) for x in b]) for b in batches])
     np.testing.assert_array_equal(np.sort(seen), np.arange(natoms.size))
     assert all(len(x) > 0 for b in batches for x in b)
     for b in batches:
         assert all(natoms[x].sum() <= 900 for x in b)  # budget respected
-    plan = samplers[0].plan(0)
+    plan = samplers[0].plan(0, ranks=range(world))
     assert np.median(plan.max_over_mean()) < 1.02
 
 
 def test_balance_beats_fixed_count():
     natoms = _sizes(20000, seed=3)
-    plan = BalancedBatchSampler(natoms.astype(float), 2000.0, world_size=64, seed=0).plan(0)
-    balanced = plan.max_over_mean()[:-2].mean()
+    plan = BalancedBatchSampler(natoms.astype(float), 2000.0, world_size=64, seed=0).plan(0, ranks=range(64))
+    balanced = plan.max_over_mean().mean()
     perm = np.random.default_rng(0).permutation(natoms.size)
     per = int(2000 / natoms.mean())
     steps = natoms[perm[: (natoms.size // (64 * per)) * 64 * per]].reshape(-1, 64, per).sum(axis=2)
@@ -145,7 +146,7 @@ def test_oversize_structures_get_their_own_batch():
     assert sorted(i for x in flat for i in x) == list(range(200))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OversizeWarning)
-        assert set(samplers[0].plan(0).oversize) == {17, 150, 151}
+        assert set(np.concatenate([s.plan(0).oversize for s in samplers])) == {17, 150, 151}
     with pytest.raises(ValueError, match="structure mptrj/17 costs 500 > budget 100"):
         list(BalancedBatchSampler(cost, 100.0, oversize="raise", ids=ids, seed=0))
 
@@ -155,7 +156,7 @@ def test_fewer_frames_than_ranks_pads_every_rank():
     samplers, batches = _all_ranks(cost, 10.0, 5)
     assert all(len(b) == 1 and len(b[0]) == 1 for b in batches)
     assert {b[0][0] for b in batches} == {0, 1, 2}
-    assert samplers[0].plan().padded == 2
+    assert sum(s.plan().padded for s in samplers) == 2
 
 
 def test_weighted_mix_across_ranks():
@@ -173,30 +174,28 @@ def test_weighted_mix_across_ranks():
 def test_oversize_steps_are_spread_through_the_epoch_not_first():
     # half the structures cost more than the budget: they used to fill the first steps of
     # every epoch, so a short run saw nothing else (the demo trained on one dataset only)
-    from lampretrain.sampling.balanced import plan_epoch
-
-    rng = np.random.default_rng(0)
     cost = np.where(np.arange(400) % 2 == 0, 150.0, 10.0)
-    order = rng.permutation(cost.size)
-    plan = plan_epoch(order, cost, 1, 100.0, 0.05, "warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OversizeWarning)
+        plan = BalancedBatchSampler(cost, 100.0, seed=0).plan(0)
     alone = np.array([cost[plan.batch(s, 0)].max() > 100.0 for s in range(plan.steps)])
+    assert alone.sum() == 200
     first_quarter = alone[: plan.steps // 4]
     assert 0.2 < first_quarter.mean() < 0.95  # a mix, not only oversize steps
     assert sorted(np.concatenate([plan.batch(s, 0) for s in range(plan.steps)]).tolist()) == list(range(400))
 
 
-def test_oversize_steps_keep_their_place_when_an_oversampled_dataset_repeats_structures():
-    # an oversampled dataset repeats its structures within an epoch; looking positions up by structure index
-    # kept only a repeat's last position, which held every later oversize step back to the epoch's end
-    from lampretrain.sampling.balanced import plan_epoch
-
-    rng = np.random.default_rng(1)
+def test_oversize_steps_are_spread_when_an_oversampled_dataset_repeats_structures():
+    # an oversampled dataset repeats its structures within an epoch: the oversize ones must still be spread
+    # through the epoch, not held back to its end
     cost = np.where(np.arange(60) < 10, 150.0, 10.0)  # 10 oversize structures, 50 small
-    small = rng.choice(np.arange(10, 60), size=400)  # the small ones drawn 8× each: many repeats
-    order = rng.permutation(np.concatenate([np.arange(10), small]))
-    plan = plan_epoch(order, cost, 1, 100.0, 0.05, "warn")
-    alone = np.nonzero([cost[plan.batch(s, 0)].max() > 100.0 for s in range(plan.steps)])[0]
+    dataset = (np.arange(60) >= 10).astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OversizeWarning)
+        s = BalancedBatchSampler(cost, 100.0, dataset=dataset, weights=np.array([0.025, 0.975]), epoch_size=400, seed=1)
+        plan = s.plan(0)
+    alone = np.nonzero([cost[plan.batch(k, 0)].max() > 100.0 for k in range(plan.steps)])[0]
     assert alone.size == 10
-    # spread through the epoch as in ``order`` (each oversize structure's position there), not bunched at the end
-    expected = np.sort(np.nonzero(np.isin(order, np.arange(10)))[0]) / order.size
-    assert np.abs(alone / plan.steps - expected).max() < 0.15
+    assert 1 <= (alone < plan.steps / 2).sum() <= 9  # in both halves of the epoch
+    drawn = np.concatenate([plan.batch(k, 0) for k in range(plan.steps)])
+    assert np.array_equal(np.sort(drawn), np.sort(s.epoch_order(0)))  # the epoch's draw, each once

@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from lampretrain.bench.common import emit, peak_rss_mb
-from lampretrain.sampling import CostModel, plan_epoch
+from lampretrain.sampling import BalancedBatchSampler, CostModel
 
 SPHERE_6 = 4.0 / 3.0 * np.pi * 6.0**3
 SPHERE_45 = 4.0 / 3.0 * np.pi * 4.5**3
@@ -68,11 +68,11 @@ def run(ranks: int, strategy: str, budget_atoms: float, steps: int, cost_model: 
     frames = max(20_000, int(steps * ranks * budget_atoms / mean_atoms))
     atoms, edges, angles = mptrj_like(frames, seed)
     true_cost = cost_model(atoms, edges, angles)
-    order = np.random.default_rng(seed + 1).permutation(frames)
     t0 = time.perf_counter()
     oversize = padded = 0
     if strategy == "count":
         per_rank = max(1, int(round(budget_atoms / atoms.mean())))
+        order = np.random.default_rng(seed + 1).permutation(frames)
         loads, dropped = fixed_count_loads(true_cost, order, ranks, per_rank)
         budget = float(per_rank)
     else:
@@ -83,7 +83,7 @@ def run(ranks: int, strategy: str, budget_atoms: float, steps: int, cost_model: 
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan = plan_epoch(order, packed, ranks, budget)
+            plan = BalancedBatchSampler(packed, budget, world_size=ranks, seed=seed).plan(0, ranks=range(ranks))
         loads = np.add.reduceat(true_cost[plan.items], plan.offsets[:-1]).reshape(plan.steps, ranks)
         dropped = int(frames - np.unique(plan.items).size)
         oversize, padded = int(plan.oversize.size), plan.padded

@@ -1,8 +1,8 @@
 """Dataset mixing, the per-structure cost model and the rank-balanced distributed batch sampler."""
 
-from .balanced import BalancedBatchSampler, EpochPlan, OversizeWarning, plan_epoch
+from .balanced import BalancedBatchSampler, EpochPlan, OversizeWarning
 from .cost import CostModel
-from .mixing import dataset_weights, draw_epoch, effective_mix, epoch_counts, weights_from_mapping
+from .mixing import dataset_weights, effective_mix, epoch_counts, mix_table, weights_from_mapping
 
 __all__ = [
     "BalancedBatchSampler",
@@ -10,9 +10,8 @@ __all__ = [
     "EpochPlan",
     "OversizeWarning",
     "dataset_weights",
-    "draw_epoch",
     "effective_mix",
     "epoch_counts",
-    "plan_epoch",
+    "mix_table",
     "weights_from_mapping",
 ]

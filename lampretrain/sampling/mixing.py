@@ -69,25 +69,6 @@ def epoch_counts(sizes: Sequence[int] | np.ndarray, weights: np.ndarray, epoch_s
     return counts
 
 
-def draw_epoch(
-    dataset: np.ndarray, weights: np.ndarray, rng: np.random.Generator, epoch_size: int | None = None
-) -> np.ndarray:
-    """Shuffled frame indices of one epoch following the per-dataset ``weights`` (``dataset`` is (N,) dataset id)."""
-    dataset = np.asarray(dataset, dtype=np.int64)
-    sizes = np.bincount(dataset, minlength=len(weights))
-    counts = epoch_counts(sizes, weights, epoch_size)
-    members = np.argsort(dataset, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    drawn = []
-    for k, m in enumerate(counts):
-        own = members[starts[k] : starts[k + 1]]
-        if m == 0:
-            continue
-        reps = -(-int(m) // own.size)
-        drawn.append(np.concatenate([rng.permutation(own) for _ in range(reps)])[:m])
-    return rng.permutation(np.concatenate(drawn)) if drawn else np.zeros(0, dtype=np.int64)
-
-
 def effective_mix(
     indices: np.ndarray,
     dataset: np.ndarray,
@@ -104,16 +85,31 @@ def effective_mix(
     k = int(dataset.max()) + 1 if dataset.size else 0
     if weights is not None:
         k = max(k, len(weights))
-    names = list(names) if names is not None else [str(i) for i in range(k)]
     drawn = dataset[indices]
-    frames = np.bincount(drawn, minlength=k) / max(len(indices), 1)
-    out: dict[str, dict[str, float]] = {}
+    frames = np.bincount(drawn, minlength=k)
     atoms = None
     if natoms is not None:
-        per = np.bincount(drawn, weights=np.asarray(natoms, dtype=np.float64)[indices], minlength=k)
-        atoms = per / max(per.sum(), 1.0)
+        atoms = np.bincount(drawn, weights=np.asarray(natoms, dtype=np.float64)[indices], minlength=k)
+    return mix_table(frames, atoms, names, weights)
+
+
+def mix_table(
+    frames: np.ndarray,
+    atoms: np.ndarray | None = None,
+    names: Sequence[str] | None = None,
+    weights: np.ndarray | None = None,
+) -> dict[str, dict[str, float]]:
+    """:func:`effective_mix` from per-dataset counts of frames (and atoms) drawn: shares next to the targets."""
+    k = len(frames) if weights is None else max(len(frames), len(weights))
+    frames = np.pad(np.asarray(frames, dtype=np.float64), (0, k - len(frames)))
+    names = list(names) if names is not None else [str(i) for i in range(k)]
+    share = frames / max(frames.sum(), 1.0)
+    if atoms is not None:
+        atoms = np.pad(np.asarray(atoms, dtype=np.float64), (0, k - len(atoms)))
+        atoms = atoms / max(atoms.sum(), 1.0)
+    out: dict[str, dict[str, float]] = {}
     for i in range(k):
-        entry = {"frames": float(frames[i])}
+        entry = {"frames": float(share[i])}
         if atoms is not None:
             entry["atoms"] = float(atoms[i])
         if weights is not None:

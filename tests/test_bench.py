@@ -169,7 +169,7 @@ def test_deepmd_side_by_side_in_its_own_interpreter(tmp_path, capsys):
 
 
 def test_official_matris_side_by_side(oxide3, capsys):
-    pytest.importorskip("matris", reason="the official MatRIS peer is optional: pip install 'lampretrain[peer-matris]'")
+    pytest.importorskip("matris", reason="the official MatRIS peer is optional: pip install 'lampretrain[peers]'")
     small = ["--set", "num_layers=1", "--set", "atom_dim=16", "--set", "bond_dim=16", "--set", "angle_dim=16",
              "--set", "readout_hidden=[16]", "--set", "magmom_hidden=32", "--set", "cutoff=4.0",
              "--set", "three_body_cutoff=3.0"]

@@ -264,7 +264,7 @@ def test_prep_on_a_ray_cluster_equals_local_processes(tmp_path, store):
 
     ray_bin = shutil.which("ray")
     if ray_bin is None:
-        pytest.skip("ray is not installed (pip install 'lampretrain[ray]')")
+        pytest.skip("ray is not installed (pip install 'lampretrain[sweep]')")
     index, _ = store
     port = free_port()  # a port derived from the pid met another run's token-authenticated head once
     # a token in ~/.ray/auth_token (left by `ray get-auth-token --generate`) turns token auth on for the head only

@@ -77,7 +77,7 @@ def test_matris_variants_have_the_same_parameters(kind):
 
 
 def test_published_matris_equals_the_official_code_on_the_same_weights_jumps_included():
-    pytest.importorskip("matris", reason="the official MatRIS is optional: pip install 'lampretrain[peer-matris]'")
+    pytest.importorskip("matris", reason="the official MatRIS is optional: pip install 'lampretrain[peers]'")
     from lampretrain.bench.peer_matris import build_official, official_energies, official_state_dict
 
     ours = model("published", seed=3, num_radial=7, num_angular=7)  # the official line envelope takes 7 → C

@@ -36,7 +36,7 @@ class Peer:
 
 
 PEERS = {
-    "matris": Peer("matris-official", "matris", "pip install 'lampretrain[peer-matris]'  (matris==0.1.0)"),
+    "matris": Peer("matris-official", "matris", "pip install 'lampretrain[peers]'  (matris==0.1.0)"),
     "deepmd-kit": Peer(
         "deepmd-kit", "deepmd.pt.model.model",
         "python3.11 -m venv ~/.cache/lampretrain/deepmd-venv && ~/.cache/lampretrain/deepmd-venv/bin/pip install 'torch==2.11.0' "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -143,3 +144,15 @@ def test_step_count_and_order_depend_on_the_epoch_only_through_the_seed():
     pa, pb = _quiet(a.plan, 3), _quiet(b.plan, 3)
     assert np.array_equal(pa.items, pb.items) and np.array_equal(pa.offsets, pb.offsets)
     assert not np.array_equal(_quiet(a.plan, 4).items, pa.items)
+
+
+def test_bench_scale_prints_the_planning_keys(capsys):
+    from lampretrain import cli
+
+    assert cli.main(["bench", "scale", "--frames", "20000", "--ranks", "16", "--no-save"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    by = {x["bench"]: x for x in lines}
+    assert set(by) == {"scale_index", "scale", "scale_resume", "scale_detail"}
+    assert list(by["scale"]) == ["bench", "frames", "ranks", "plan_s", "plan_rss_mb", "max_over_mean", "dropped"]
+    assert by["scale"]["frames"] == 20000 and by["scale"]["ranks"] == 16 and by["scale"]["dropped"] == 0
+    assert by["scale"]["max_over_mean"] <= 1.05 and by["scale_resume"]["same_batch"] is True

@@ -4,6 +4,7 @@ BENCHES = {
     "prep": "lampretrain.bench.prep",
     "loader": "lampretrain.bench.loader",
     "balance": "lampretrain.bench.balance",
+    "scale": "lampretrain.bench.scale",
     "model": "lampretrain.bench.model_step",
     "train": "lampretrain.bench.train",
     "scaling": "lampretrain.bench.scaling",

@@ -14,18 +14,22 @@ missing label, masked). Rows are matched to frames by the store's content hash
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
 
 from ..config import ConfigError
+from ..frames import Frame
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
 from ..inference.loading import load_model
@@ -35,11 +39,13 @@ from ..models.backbone import without_retired
 from ..models.layers.mlp import MLP
 from ..models.layers.scatter import scatter_sum
 from ..models.multitask import MultiTaskConfig, MultiTaskModel
-from ..recipe import recipe_dict
+from ..sampling import BalancedBatchSampler
 from ..store.index import StoreIndex
-from ..train.schedules import lr_factor
-from ..train.tracking import Tracker
-from .lora import add_lora, fold_lora
+from ..train.data import TrainData, WorkerLoader, stream_data
+from ..train.ema import EMA
+from ..train.engines import Engine
+from ..train.trainer import TrainHooks
+from .lora import add_lora
 from .model import freeze, lr_scales
 from .recipe import FinetuneRecipe, PropertySection
 
@@ -75,25 +81,22 @@ def read_targets(path: str | Path, id_column: str, columns: list[str]) -> dict[s
     return table
 
 
-@dataclass
-class PropertySet:
-    """The frames of one store split that have a CSV row, with their targets."""
+class PropertySet(Dataset):
+    """The frames of one store split that have a CSV row: item k is (frame, its targets (D,) float64, NaN where
+    missing)."""
 
-    frames: LmdbFrameDataset
-    items: np.ndarray  # (F,) positions in ``frames``
-    targets: np.ndarray  # (F, D) float64, NaN where missing
-    collate: GraphCollate
+    def __init__(self, frames: LmdbFrameDataset, items: np.ndarray, targets: np.ndarray):
+        self.frames, self.items, self.targets = frames, items, targets  # items: (F,) positions in ``frames``
 
     def __len__(self) -> int:
         return int(self.items.size)
 
-    def batches(self, graphs: int, order: np.ndarray | None = None) -> Iterator[tuple[GraphBatch, torch.Tensor]]:
-        """(batch, targets (G, D)) of ``graphs`` structures each, in ``order`` (default: store order)."""
-        order = np.arange(len(self)) if order is None else order
-        for start in range(0, order.size, graphs):
-            chosen = order[start : start + graphs]
-            batch = self.collate([self.frames[int(self.items[k])] for k in chosen])
-            yield batch, torch.from_numpy(self.targets[chosen])
+    def __getitem__(self, k: int) -> tuple[Frame, np.ndarray]:
+        return self.frames[int(self.items[k])], self.targets[k]
+
+    def share(self, rank: int, world_size: int) -> "PropertySet":
+        """Every ``world_size``-th structure from ``rank`` on: across ranks, each structure once."""
+        return PropertySet(self.frames, self.items[rank::world_size], self.targets[rank::world_size])
 
 
 def frame_keys(index: StoreIndex, frames: LmdbFrameDataset, rows: np.ndarray, key: str) -> list[str]:
@@ -106,17 +109,31 @@ def frame_keys(index: StoreIndex, frames: LmdbFrameDataset, rows: np.ndarray, ke
 
 def property_set(
     index: StoreIndex, split: str, table: Mapping[str, np.ndarray], section: PropertySection,
-    datasets: list[str] | None, max_natoms: int | None, cutoffs: tuple[float, float],
+    datasets: list[str] | None, max_natoms: int | None,
 ) -> PropertySet:
-    """The selected ``split`` frames that have a row in ``table``, graphs at ``cutoffs`` (pair, three-body; Å:
-    the backbone's)."""
+    """The selected ``split`` frames that have a row in ``table``."""
     rows = index.select(split, datasets, max_natoms, required=False).rows
     frames = LmdbFrameDataset.from_rows(index, split, rows)
     keys = frame_keys(index, frames, rows, section.key)
     items = [k for k in range(len(rows)) if keys[k] in table]
     width = len(section.columns)
     targets = np.array([table[keys[k]] for k in items], dtype=np.float64).reshape(len(items), width)
-    return PropertySet(frames, np.asarray(items, dtype=np.int64), targets, GraphCollate(*cutoffs))
+    return PropertySet(frames, np.asarray(items, dtype=np.int64), targets)
+
+
+@dataclass
+class PropertyBatch(GraphBatch):
+    """A graph batch with the structures' targets: the trainer, engines and loaders pass it on as a GraphBatch."""
+
+    target: torch.Tensor  # (G, D) float64 in the CSV's units, NaN where missing
+
+
+class PropertyCollate(GraphCollate):
+    """``collate_fn`` for :class:`PropertySet` items: their frames' graph batch with the targets."""
+
+    def batch(self, items: Sequence[tuple[Frame, np.ndarray]]) -> PropertyBatch:
+        graphs = super().batch([frame for frame, _ in items])
+        return PropertyBatch(**vars(graphs), target=torch.from_numpy(np.stack([t for _, t in items])))
 
 
 def target_scale(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,14 +167,25 @@ class PropertyModel(torch.nn.Module):
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
 
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The base's backbone: its cutoffs build the graphs (``models.graph_cutoffs``), LoRA folds into it."""
+        return self.base.backbone
+
+    @property
+    def config(self) -> MultiTaskConfig:
+        """The base's config, what trainer checkpoints record to rebuild the model (the head is the recipe's
+        ``property`` section)."""
+        return self.base.config
+
     def standardised(self, batch: GraphBatch) -> torch.Tensor:
         """MLP(pool h), the prediction in units of the training std around the training mean, (G, D)."""
         scalar = self.base.backbone.node_features(batch, batch.positions, batch.cell).scalar
         return self.head(pool(scalar, batch, self.section.pooling))
 
-    def forward(self, batch: GraphBatch) -> torch.Tensor:
-        """The property in the CSV's units, (G, D)."""
-        return self.mean + self.std * self.standardised(batch)
+    def forward(self, batch: GraphBatch) -> dict[str, torch.Tensor]:
+        """``property``: (G, D) in the CSV's units."""
+        return {"property": self.mean + self.std * self.standardised(batch)}
 
     def checkpoint(self) -> dict[str, Any]:
         return {"config": self.base.config.to_dict(), "property": asdict(self.section), "state_dict": self.state_dict()}
@@ -176,12 +204,25 @@ class PropertyModel(torch.nn.Module):
         return model
 
 
-def property_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean |Δ| (mae) or Δ² (mse) over the present entries of standardised prediction and target."""
-    present = ~torch.isnan(target)
-    diff = torch.where(present, pred - torch.nan_to_num(target), torch.zeros_like(pred))
-    per = diff.abs() if kind == "mae" else diff.square()
-    return per.sum() / present.sum().clamp(min=1)
+class PropertyObjective(torch.nn.Module):
+    """The trainer's objective for a property head: mean |Δ/s| (mae) or (Δ/s)² (mse) over the present targets,
+    Δ = prediction − target and s the training std, i.e. the loss of the standardised target."""
+
+    def __init__(self, std: np.ndarray, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32), persistent=False)  # from the CSV
+
+    def follow_lr(self, lr_fraction: float) -> None:
+        """One loss term: no weight anneals with the learning rate."""
+
+    def forward(self, out: Mapping[str, torch.Tensor], batch: PropertyBatch) -> tuple[torch.Tensor, dict]:
+        target = batch.target.float()
+        present = ~torch.isnan(target)
+        diff = torch.where(present, (out["property"].float() - torch.nan_to_num(target)) / self.std, 0.0)
+        per = diff.abs() if self.kind == "mae" else diff.square()
+        loss = per.sum() / present.sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
 
 
 @dataclass
@@ -190,6 +231,13 @@ class PropertyErrors:
     rmse: np.ndarray  # (D,)
     baseline_mae: np.ndarray  # (D,) of the training mean
     count: np.ndarray  # (D,) present values
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor) -> "PropertyErrors":
+        """From :func:`error_sums` added up over batches (and ranks)."""
+        absolute, square, baseline, count = sums.cpu().numpy()
+        denom = np.maximum(count, 1)
+        return cls(absolute / denom, np.sqrt(square / denom), baseline / denom, count)
 
     def metrics(self, prefix: str, columns: list[str]) -> dict[str, float]:
         """``{prefix}mae`` and ``{prefix}baseline_mae`` (means over the columns) and per-column MAE, RMSE, baseline."""
@@ -200,25 +248,17 @@ class PropertyErrors:
         return out
 
 
-def property_errors(model: PropertyModel, data: PropertySet, device: torch.device | str = "cpu") -> PropertyErrors:
-    """MAE/RMSE of ``model`` and of the training-mean predictor on every frame of ``data``."""
-    was_training = model.training
-    model.eval()
-    preds, targets = [], []
-    try:
-        with torch.no_grad():
-            for batch, target in data.batches(model.section.graphs):
-                preds.append(model(batch.to(device)).double().cpu().numpy())
-                targets.append(target.numpy())
-    finally:
-        model.train(was_training)
-    pred, target = np.concatenate(preds), np.concatenate(targets)
-    present = ~np.isnan(target)
-    count = present.sum(axis=0)
-    err = np.where(present, pred - np.nan_to_num(target), 0.0)
-    base = np.where(present, model.mean.double().cpu().numpy() - np.nan_to_num(target), 0.0)
-    denom = np.maximum(count, 1)
-    return PropertyErrors(np.abs(err).sum(0) / denom, np.sqrt((err**2).sum(0) / denom), np.abs(base).sum(0) / denom, count)
+def error_sums(model: PropertyModel, batch: PropertyBatch) -> torch.Tensor:
+    """(4, D) float64: Σ |Δ|, Σ Δ², Σ |training mean − target| and the count over the present targets of ``batch``
+    (``model`` in eval mode)."""
+    with torch.no_grad():
+        pred = model(batch)["property"].double()
+    target = batch.target.double()
+    present = ~torch.isnan(target)
+    target = torch.nan_to_num(target)
+    err = torch.where(present, pred - target, 0.0)
+    base = torch.where(present, model.mean.double() - target, 0.0)
+    return torch.stack([err.abs().sum(0), err.square().sum(0), base.abs().sum(0), present.sum(0).double()])
 
 
 @dataclass
@@ -231,108 +271,100 @@ class PropertyReport:
     trainable: int
 
 
-def _device(recipe: FinetuneRecipe) -> torch.device:
-    want = recipe.train.device
-    return torch.device("cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available())) else "cpu")
+class PropertyHooks(TrainHooks):
+    """A property head on the trainer: data, model, objective and validation of ``recipe.property``.
 
-
-def train_property(
-    recipe: FinetuneRecipe, max_steps: int | None = None, on_log: Callable[[int, dict[str, float]], None] | None = None
-) -> tuple[PropertyModel, PropertyReport, Tracker, int]:
-    """Fit the property head (and the unfrozen backbone) for ``train.steps``; returns model, report, tracker, step.
-
-    ``max_steps`` stops early (the schedule still follows ``train.steps``).
-    Every ``train.log_every`` steps and at the end: training-window loss, and the MAE on
-    ``finetune.eval_split`` (``val_mae``, ``val_<column>_mae``, with the mean-predictor baseline),
-    logged to MLflow and passed to ``on_log``.
+    The stream draws ``property.graphs`` structures per rank and micro-batch (each costs 1 in the
+    sampler, the budget is ``graphs``), in the sampler's resumable order. Validation (EMA weights, all
+    ranks) gives the MAE on ``finetune.eval_split`` in the CSV's units, ``<split>_mae`` and per column,
+    next to the training-mean predictor's, also before the first step (the step-0 MAE).
     """
-    ft, sec, tr = recipe.finetune, recipe.property, recipe.train
-    torch.manual_seed(tr.seed)
-    index = StoreIndex.open(recipe.data.store)
-    table = read_targets(sec.csv, sec.id_column, sec.columns)
-    base = load_model(ft.checkpoint, "ema" if ft.use_ema else "model", verify=recipe.checkpoint.verify)
-    cutoffs = graph_cutoffs(base)
-    train = property_set(index, recipe.data.split, table, sec, recipe.data.datasets, recipe.data.max_natoms, cutoffs)
-    if not len(train):
-        example = next(iter(table))
-        raise ConfigError(f"property.csv {sec.csv}: no id matches a '{recipe.data.split}' frame of {recipe.data.store} "
-                         f"by {sec.key} (CSV ids look like '{example}')")
-    evaluation = None
-    if ft.eval_split is not None:
-        evaluation = property_set(index, ft.eval_split, table, sec, recipe.data.datasets, recipe.data.max_natoms,
-                                  cutoffs)
-        evaluation = evaluation if len(evaluation) else None
-    mean, std = target_scale(train.targets)
-    if ft.lora.rank:
-        add_lora(base.backbone, ft.lora.rank, ft.lora.alpha)
-    freeze(base, ft.freeze, ft.freeze_blocks)
-    device = _device(recipe)
-    model = PropertyModel(base, sec, mean, std).to(device)
-    scales = {f"base.{n}": s for n, s in lr_scales(base, ft.lr_decay).items()}
-    groups: dict[float, list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(scales.get(name, 1.0), []).append(p)
-    o = recipe.optim
-    optimizer = torch.optim.AdamW([{"params": ps, "lr_scale": s} for s, ps in groups.items()], lr=o.lr,
-                                  betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    trainable = sum(p.numel() for ps in groups.values() for p in ps)
-    tracker = Tracker(recipe.output, recipe.tracking.uri, recipe.tracking.experiment,
-                      recipe.tracking.run_name or recipe.name, active=recipe.tracking.enabled,
-                      parent_run_id=recipe.tracking.parent_run_id)
-    tracker.log_recipe(recipe_dict(recipe))
 
-    def evaluate(step: int, window: list[float]) -> dict[str, float]:
-        metrics = {"loss": float(np.mean(window))} if window else {}
-        metrics["train_frames"] = float(len(train))
-        if evaluation is not None:
-            metrics.update(property_errors(model, evaluation, device).metrics(f"{ft.eval_split}_", sec.columns))
-        tracker.log_metrics(metrics, step)
-        if on_log is not None:
-            on_log(step, metrics)
-        return metrics
+    validate_at_start = True
 
-    step0 = evaluate(0, [])
-    rng = np.random.default_rng(tr.seed)
-    order = rng.permutation(len(train))
-    step, position, window, last = 0, 0, [], step0
-    model.train()
-    stop_at = min(tr.steps, max_steps or tr.steps)
-    while step < stop_at:
-        if position >= order.size:
-            order, position = rng.permutation(len(train)), 0
-        chosen = order[position : position + sec.graphs]
-        position += sec.graphs
-        batch, target = next(train.batches(sec.graphs, chosen))
-        batch, target = batch.to(device), target.to(device=device, dtype=torch.float32)
-        factor = lr_factor(step, tr.steps, recipe.schedule, o.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = o.lr * factor * group["lr_scale"]
-        loss = property_loss(model.standardised(batch), (target - model.mean) / model.std, sec.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tr.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], tr.clip_grad_norm)
-        optimizer.step()
-        window.append(float(loss.detach()))
-        step += 1
-        if step % tr.log_every == 0 or step == stop_at:
-            last, window = evaluate(step, window), []
-    key = f"{ft.eval_split}_mae"
-    report = PropertyReport(list(sec.columns), len(train), len(evaluation) if evaluation is not None else 0,
-                            step0.get(key, math.nan), last, trainable)
-    return model, report, tracker, step
+    def __init__(self, recipe: FinetuneRecipe, on_log: Callable[[int, dict[str, float]], None] | None = None):
+        ft, sec, data = recipe.finetune, recipe.property, recipe.data
+        self.recipe, self._on_log = recipe, on_log
+        self.index = StoreIndex.open(data.store)
+        table = read_targets(sec.csv, sec.id_column, sec.columns)
+        self.train = property_set(self.index, data.split, table, sec, data.datasets, data.max_natoms)
+        if not len(self.train):
+            raise ConfigError(f"property.csv {sec.csv}: no id matches a '{data.split}' frame of {data.store} "
+                             f"by {sec.key} (CSV ids look like '{next(iter(table))}')")
+        self.evaluation = None
+        if ft.eval_split is not None:
+            evaluation = property_set(self.index, ft.eval_split, table, sec, data.datasets, data.max_natoms)
+            self.evaluation = evaluation if len(evaluation) else None
+        self.mean, self.std = target_scale(self.train.targets)
+        self.prefix = f"{ft.eval_split}_"
+        self.model: PropertyModel | None = None
+        self.step0: dict[str, float] = {}
 
+    def build_data(self, recipe: FinetuneRecipe, rank: int, world_size: int) -> TrainData:
+        sampler = BalancedBatchSampler(np.ones(len(self.train)), recipe.property.graphs, rank, world_size,
+                                       seed=recipe.train.seed)
+        collate = PropertyCollate(self.index.cutoff, self.index.three_body_cutoff,
+                                  on_device=recipe.data.graphs_on == "device", packed=True)
+        return stream_data(self.index, [], self.train, sampler, collate, recipe.data.workers, recipe.train.seed)
 
-def export_property(model: PropertyModel, path: Path) -> Path:
-    """Save a copy with LoRA adapters folded into the backbone (``PropertyModel.load`` reads it)."""
-    import copy
+    def build_model(self, recipe: FinetuneRecipe, data: TrainData) -> PropertyModel:
+        """The checkpoint's model (EMA weights if asked) with adapters and freezing, the energy heads frozen (a
+        property does not reach them), and a new head whose zero last layer predicts the training mean."""
+        ft = recipe.finetune
+        base = load_model(ft.checkpoint, "ema" if ft.use_ema else "model", verify=recipe.checkpoint.verify)
+        if ft.lora.rank:
+            add_lora(base.backbone, ft.lora.rank, ft.lora.alpha)
+        freeze(base, ft.freeze, ft.freeze_blocks)
+        in_backbone = {id(p) for p in base.backbone.parameters()}
+        for p in base.parameters():
+            if id(p) not in in_backbone:
+                p.requires_grad_(False)
+        self.model = PropertyModel(base, recipe.property, self.mean, self.std)
+        return self.model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plain = copy.deepcopy(model).cpu()
-    fold_lora(plain.base.backbone)
-    plain.save(path)
-    return path
+    def build_objective(self, recipe: FinetuneRecipe, model: PropertyModel) -> PropertyObjective:
+        return PropertyObjective(self.std, recipe.property.loss)
+
+    def build_val_loader(self, recipe: FinetuneRecipe, model: PropertyModel, rank: int, world_size: int):
+        """This rank's share of the ``finetune.eval_split`` structures, ``property.graphs`` per batch."""
+        if self.evaluation is None:
+            return None
+        mine = self.evaluation.share(rank, world_size)
+        graphs = recipe.property.graphs
+        batches = [list(range(k, min(k + graphs, len(mine)))) for k in range(0, len(mine), graphs)]
+        return WorkerLoader(mine, batch_sampler=batches, collate_fn=PropertyCollate(*graph_cutoffs(model)),
+                            num_workers=recipe.data.workers, generator=torch.Generator().manual_seed(0))
+
+    def validate(self, engine: Engine, batches, model: PropertyModel, ema: EMA | None,
+                 device: torch.device) -> dict[str, float]:
+        sums = torch.zeros(4, len(self.recipe.property.columns), dtype=torch.float64, device=device)
+        with ema.applied() if ema is not None else contextlib.nullcontext(), engine.evaluation() as module:
+            for batch in batches:
+                sums += error_sums(module, batch.to(device))
+        dist.all_reduce(sums)
+        return PropertyErrors.from_sums(sums).metrics(self.prefix, self.recipe.property.columns)
+
+    def lr_scales(self, model: PropertyModel) -> dict[str, float]:
+        return {f"base.{n}": s for n, s in lr_scales(model.base, self.recipe.finetune.lr_decay).items()}
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if step == 0:  # the validation before the first step; a resumed run reads it back for its report
+            self.step0 = metrics
+            self._step0_file().write_text(json.dumps(metrics))
+        if self._on_log is not None:
+            self._on_log(step, metrics)
+
+    def _step0_file(self) -> Path:
+        return Path(self.recipe.output) / "property-step0.json"
+
+    def report(self, final: dict[str, float]) -> PropertyReport:
+        step0 = self.step0
+        if not step0 and self._step0_file().exists():
+            step0 = json.loads(self._step0_file().read_text())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return PropertyReport(list(self.recipe.property.columns), len(self.train),
+                              len(self.evaluation) if self.evaluation is not None else 0,
+                              step0.get(f"{self.prefix}mae", math.nan), final, trainable)
 
 
 def write_summary(out: Path, report: PropertyReport, step: int) -> None:

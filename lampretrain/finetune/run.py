@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -33,7 +34,7 @@ from ..train.references import change_bias, energy_errors, store_batches
 from ..train.trainer import RunResult, TrainHooks, pretrain
 from .lora import add_lora, fold_lora
 from .model import freeze, lr_scales, with_new_head
-from .property import PropertyReport, export_property, train_property, write_summary
+from .property import PropertyHooks, PropertyModel, PropertyReport, write_summary
 from .recipe import FinetuneRecipe
 
 
@@ -178,38 +179,44 @@ class FinetuneResult:
     exported: Path | None  # <output>/model.pt, or <output>/property.pt for a property head (rank 0)
 
 
-def export(recipe: FinetuneRecipe, checkpoint: Path, path: Path) -> Path:
-    """Save the model of the run's trainer ``checkpoint`` with LoRA adapters folded into the weights
-    (``MultiTaskModel.load`` reads it): its EMA weights when the run kept an average, whole whatever the
-    engine sharded (the live module after training holds the raw weights, under FSDP2/ZeRO-3 a shard)."""
+def exported_model(recipe: FinetuneRecipe, run: RunResult) -> MultiTaskModel | PropertyModel:
+    """The model of the run's final checkpoint with LoRA adapters folded into the weights (what
+    ``MultiTaskModel.load``, or ``PropertyModel.load`` for a property head, reads back once saved): its EMA
+    weights when the run kept an average, whole whatever the engine sharded (the live module after training
+    holds the raw weights, under FSDP2/ZeRO-3 a shard). Every rank calls it: under a process group that outlives
+    the run (the caller's) reading a checkpoint is collective."""
+    # a resumed run that had already finished trains no step and writes no checkpoint: its newest is the result
+    checkpoint = run.checkpoint or resolve_checkpoint(run.run_dir)
     model = MultiTaskModel(model_config_from_meta(ckpt.read_meta(checkpoint), checkpoint))
     lora = recipe.finetune.lora
     if lora.rank:
         add_lora(model.backbone, lora.rank, lora.alpha)  # the trained module's shape, so its tensors load by name
+    if recipe.property.csv:  # target mean and std are buffers of the checkpoint
+        width = len(recipe.property.columns)
+        model = PropertyModel(model, recipe.property, np.zeros(width), np.ones(width))
     read_weights(checkpoint, model, ema=True)
     fold_lora(model.backbone)
-    model.save(path)
-    return path
+    return model
 
 
 def finetune(
     recipe: FinetuneRecipe, resume: str | None = None, max_steps: int | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune energies/forces on the pretraining loop, or a property head when ``property.csv`` is set.
+    """Fine-tune energies/forces, or a property head when ``property.csv`` is set, on the pretraining loop.
 
-    ``on_log(step, metrics)`` sees every logged window with the ``<eval_split>_mae`` evaluation (rank 0).
+    ``on_log(step, metrics)`` sees every logged window with the ``<eval_split>_mae`` evaluation (rank 0);
+    a property run also reports step 0 (the training-mean predictor).
     """
     if recipe.property.csv:
         return _finetune_property(recipe, resume, max_steps, on_log)
     hooks = FinetuneHooks(recipe, on_log)
     run = pretrain(recipe, resume=resume, max_steps=max_steps, hooks=hooks)
-    exported = None
+    model, exported = exported_model(recipe, run), None
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(recipe.output)
-        # a resumed run that had already finished trains no step and writes no checkpoint: its newest is the result
-        checkpoint = run.checkpoint or resolve_checkpoint(run.run_dir)
-        exported = export(recipe, checkpoint, out / "model.pt")
+        exported = out / "model.pt"
+        model.save(exported)
         (out / "finetune.json").write_text(json.dumps({
             "head": hooks.report.head, "reference_shift": hooks.report.reference_shift,
             "step0_mae_pretrained": hooks.report.step0_mae_pretrained, "step0_mae": hooks.report.step0_mae,
@@ -219,12 +226,16 @@ def finetune(
 
 
 def _finetune_property(recipe: FinetuneRecipe, resume: str | None, max_steps: int | None, on_log) -> FinetuneResult:
-    if resume is not None:
-        raise ConfigError("property heads train in one short run without checkpoints: drop --resume")
-    model, report, tracker, step = train_property(recipe, max_steps, on_log)
-    out = Path(recipe.output)
-    exported = export_property(model, out / "property.pt")
-    write_summary(out, report, step)
-    tracker.finish()
-    run = RunResult(step, None, out, tracker.uri, tracker.run_id, False, report.final)
+    if recipe.train.eval_every is None and recipe.finetune.eval_split is not None:
+        # the eval-split MAE at every log window, as the step-0 one and as sweeps rank trials by it
+        recipe = replace(recipe, train=replace(recipe.train, eval_every=recipe.train.log_every))
+    hooks = PropertyHooks(recipe, on_log)
+    run = pretrain(recipe, resume=resume, max_steps=max_steps, hooks=hooks)
+    report = hooks.report({**run.last_metrics, **run.val_metrics})
+    model, exported = exported_model(recipe, run), None
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(recipe.output)
+        exported = out / "property.pt"
+        model.save(exported)
+        write_summary(out, report, run.step)
     return FinetuneResult(run, report, exported)

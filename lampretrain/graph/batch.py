@@ -53,7 +53,8 @@ class GraphBatch:
         return int(self.angle_index.shape[1])
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "GraphBatch":
-        """Move every tensor; floating tensors also take ``dtype`` when given."""
+        """Move every tensor; floating tensors also take ``dtype`` when given. A subclass (a batch with per-structure
+        fields of its own, such as property targets) stays that subclass, here and through :func:`pack`."""
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
@@ -62,10 +63,10 @@ class GraphBatch:
             else:
                 t = t.to(device=device, non_blocking=non_blocking)
             out[f.name] = t
-        return GraphBatch(**out)
+        return type(self)(**out)
 
     def pin_memory(self) -> "GraphBatch":
-        return GraphBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
 _ALIGN = 8  # bytes: every field starts at a multiple of the widest element size, so views need no copy
@@ -84,16 +85,17 @@ class PackedGraphBatch:
 
     buffer: torch.Tensor  # (bytes,) uint8
     layout: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # (field, dtype, shape, byte offset)
+    kind: type = GraphBatch  # the packed batch's class
 
     def unpack(self) -> GraphBatch:
         out = {}
         for name, dtype, shape, offset in self.layout:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             out[name] = self.buffer[offset : offset + nbytes].view(dtype).view(shape)
-        return GraphBatch(**out)
+        return self.kind(**out)
 
     def pin_memory(self) -> "PackedGraphBatch":
-        return PackedGraphBatch(self.buffer.pin_memory(), self.layout)
+        return PackedGraphBatch(self.buffer.pin_memory(), self.layout, self.kind)
 
 
 def pack(batch: GraphBatch) -> PackedGraphBatch:
@@ -107,7 +109,7 @@ def pack(batch: GraphBatch) -> PackedGraphBatch:
     for (name, t), (_, _, _, start) in zip(tensors, layout):
         if t.numel():
             buffer[start : start + t.numel() * t.element_size()] = t.reshape(-1).view(torch.uint8)
-    return PackedGraphBatch(buffer, tuple(layout))
+    return PackedGraphBatch(buffer, tuple(layout), type(batch))
 
 
 def edge_vectors(positions: torch.Tensor, cell: torch.Tensor, batch: GraphBatch) -> torch.Tensor:

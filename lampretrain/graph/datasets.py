@@ -143,16 +143,20 @@ class GraphCollate:
         self.cutoff, self.three_body_cutoff = float(cutoff), float(three_body_cutoff)
         self.dataset_ids, self.dtype, self.on_device, self.packed = dataset_ids, dtype, on_device, packed
 
-    def __call__(self, frames: Sequence[Frame]) -> GraphBatch | PackedGraphBatch:
-        batch = collate(
-            frames,
+    def __call__(self, items: Sequence) -> GraphBatch | PackedGraphBatch:
+        batch = self.batch(items)
+        return pack(batch) if self.packed else batch
+
+    def batch(self, items: Sequence[Frame]) -> GraphBatch:
+        """The batch of ``items``: frames here; a subclass collates items that carry more (property targets)."""
+        return collate(
+            items,
             dataset_ids=self.dataset_ids,
             cutoff=self.cutoff,
             three_body_cutoff=self.three_body_cutoff,
             dtype=self.dtype,
             with_graph=not self.on_device,
         )
-        return pack(batch) if self.packed else batch
 
     def finish(self, batch: GraphBatch, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
         """Move a collated batch to ``device`` and build its graph there when ``on_device``."""

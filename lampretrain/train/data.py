@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ..graph.batch import GraphBatch
 from ..graph.datasets import GraphCollate, LmdbFrameDataset
@@ -70,7 +70,6 @@ class TrainData:
     datasets: list[str]  # names in head order (dataset id k of a batch is datasets[k])
     sampler: BalancedBatchSampler
     loader: DataLoader
-    natoms: np.ndarray  # per sampler item
     collate: GraphCollate
 
     def use_cutoffs(self, cutoff: float, three_body_cutoff: float) -> None:
@@ -118,16 +117,24 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
     )
     collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)},
                            on_device=cfg.graphs_on == "device", packed=True)
+    return stream_data(index, names, LmdbFrameDataset.from_rows(index, sel.split, rows), sampler, collate,
+                       cfg.workers, seed)
+
+
+def stream_data(index: StoreIndex, names: list[str], items: Dataset, sampler: BalancedBatchSampler,
+                collate: GraphCollate, workers: int, seed: int) -> TrainData:
+    """The training stream over ``items`` (store frames, or frames with more: property targets) in ``sampler``'s
+    batches, collated in ``workers`` loader processes."""
     loader = WorkerLoader(
-        LmdbFrameDataset.from_rows(index, sel.split, rows),
+        items,
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=cfg.workers,
+        num_workers=workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),  # iter(loader) draws a seed: keep it off the global RNG
     )
-    return TrainData(index, names, sampler, loader, np.asarray(index.natoms[rows]), collate)
+    return TrainData(index, names, sampler, loader, collate)
 
 
 def build_val_loader(

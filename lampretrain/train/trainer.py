@@ -160,13 +160,19 @@ class Preemption:
 
 
 class TrainHooks:
-    """Where a run built on this loop (fine-tuning) differs from pretraining; the defaults are pretraining.
+    """Where a run built on this loop (fine-tuning, property heads) differs from pretraining; the defaults are
+    pretraining.
 
     ``build_data`` gives the stream (batches' dataset ids index the model's heads), ``build_model``
-    the model, ``build_val_loader`` this rank's validation batches (None: no validation),
-    ``lr_scales`` a learning-rate multiplier per parameter name (layer-wise decay; absent
-    names get 1) and ``on_log`` sees every logged metric window on rank 0 (e.g. to report to Ray Tune).
+    the model (``model(batch)`` → a dict of tensors), ``build_objective`` what turns its outputs and the
+    batch into (loss, metrics), ``build_val_loader`` this rank's validation batches (None: no validation)
+    and ``validate`` the metrics over all ranks' batches (every rank calls it), ``lr_scales`` a learning-rate
+    multiplier per parameter name (layer-wise decay; absent names get 1) and ``on_log`` sees every logged
+    metric window, with the validation of that step, on rank 0 (e.g. to report to Ray Tune).
+    ``validate_at_start``: a fresh run also validates before its first step (a starting error to report).
     """
+
+    validate_at_start = False
 
     def build_data(self, recipe: Recipe, rank: int, world_size: int) -> TrainData:
         return build_train_data(recipe.data, rank, world_size, recipe.train.seed)
@@ -176,6 +182,13 @@ class TrainHooks:
 
     def build_model(self, recipe: Recipe, data: TrainData) -> MultiTaskModel:
         return build_model(recipe, data.datasets, data.index.stats())
+
+    def build_objective(self, recipe: Recipe, model: MultiTaskModel) -> torch.nn.Module:
+        return MultiTaskObjective(recipe.objective.config(), model.config.datasets)
+
+    def validate(self, engine: Engine, batches, model: MultiTaskModel, ema: EMA | None,
+                 device: torch.device) -> dict[str, float]:
+        return validate(engine, batches, model.dataset_names, ema, device)
 
     def lr_scales(self, model: MultiTaskModel) -> dict[str, float]:
         return {}
@@ -275,7 +288,7 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     model = hooks.build_model(recipe, data)
     data.use_cutoffs(*graph_cutoffs(model))  # inference builds graphs at the model's cutoffs too, not the store's
     malloc.set_mmap_threshold(malloc.resolve(tr.malloc_mmap_threshold_mb, graph_cutoffs(model)[1]))
-    objective = MultiTaskObjective(recipe.objective.config(), model.config.datasets).to(ctx.device)
+    objective = hooks.build_objective(recipe, model).to(ctx.device)
     o = recipe.optim
 
     def optimizer_factory(params):
@@ -329,6 +342,12 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
     bar = _progress(ctx, tr, step, stop_at)
     model.train()
     last_ckpt, last_metrics, val_metrics, preempted = None, {}, {}, False
+    if val_loader is not None and step == 0 and hooks.validate_at_start:
+        val_metrics = hooks.validate(engine, val_loader, model, ema, ctx.device)
+        tracker.log_metrics(val_metrics, 0)
+        _report_val(ctx, bar, 0, val_metrics)
+        if ctx.is_main:
+            hooks.on_log(0, val_metrics)
     t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
     while step < stop_at:
         engine.set_lr(o.lr * lr_factor(step, tr.steps, recipe.schedule, o.lr))
@@ -355,21 +374,22 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         window.add({"grad_norm": grad_norm.detach().to(ctx.device)})
         if bar is not None:
             bar.update(1)
-        if step % tr.log_every == 0 or step == stop_at:
-            last_metrics = _log(window, ctx, tracker, step, time.perf_counter() - t_window, atoms, graphs, win_steps,
-                                engine, bar)
-            if ctx.is_main:
-                hooks.on_log(step, last_metrics)
-            t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
+        seconds = time.perf_counter() - t_window  # the window's training time: the refit and validation below are not
         preempted = preempt.agreed()
         if step == tr.steps and tr.refit_references and not preempted:
             _refit_references(engine, ema, recipe, ctx, tracker, step, bar)
+        validated = {}
         if val_loader is not None and not preempted and (step % tr.eval_every == 0 or step == stop_at):
             t_val = time.perf_counter()
-            val_metrics = validate(engine, val_loader, model.dataset_names, ema, ctx.device)
+            val_metrics = validated = hooks.validate(engine, val_loader, model, ema, ctx.device)
             tracker.log_metrics(val_metrics, step)
             _report_val(ctx, bar, step, val_metrics)
             t_window += time.perf_counter() - t_val  # throughput counts training only
+        if step % tr.log_every == 0 or step == stop_at:  # after validation: on_log sees this step's (Ray Tune ranks it)
+            last_metrics = _log(window, ctx, tracker, step, seconds, atoms, graphs, win_steps, engine, bar)
+            if ctx.is_main:
+                hooks.on_log(step, {**last_metrics, **validated})
+            t_window, atoms, graphs, win_steps = time.perf_counter(), 0, 0, 0
         if preempted or step % recipe.checkpoint.every == 0 or step == stop_at:
             tensors, extras = _state(engine, ema, objective, ctx)
             meta = {
@@ -522,6 +542,7 @@ def _report_val(ctx: Context, bar, step: int, metrics: dict[str, float]) -> None
         return
     units = {"energy_per_atom_mae": "eV/atom", "force_component_mae": "eV/Å", "stress_component_mae": "eV/Å³"}
     parts = [f"{m} {metrics[f'val/{m}']:.4g} {u}" for m, u in units.items() if f"val/{m}" in metrics]
+    parts = parts or [f"{k} {v:.4g}" for k, v in metrics.items()]  # a hook's own metrics (property heads)
     line = f"[lampretrain] step {step} validation: " + ", ".join(parts)
     if bar is not None:
         bar.write(line)

@@ -4,7 +4,7 @@ The trainer only ever calls these methods, so its loop is the same for every
 strategy::
 
     with engine.gradient_sync(last_micro):  # reduce gradients only on the last micro-batch
-        out = engine.forward(batch)          # model(batch, compute_forces=..., compute_stress=...)
+        out = engine.forward(batch)          # model(batch): the model's training outputs (a dict of tensors)
         engine.backward(loss)
     norm = engine.step(max_norm)             # clip, optimizer step, zero grads; returns the grad norm
 
@@ -42,9 +42,11 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def forward(self, batch: GraphBatch, compute_forces: bool = True, compute_stress: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, batch: GraphBatch) -> dict[str, torch.Tensor]:
+        """``model(batch)``: whatever the model computes by default (MultiTaskModel: energy, forces, stress; a
+        property model: its property), so one loop trains any model that returns a dict of tensors."""
         with self._autocast():
-            return self.wrapped(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+            return self.wrapped(batch)
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[torch.nn.Module]:

@@ -81,8 +81,8 @@ class _LeafRoot(torch.nn.Module):
         self._queued = False
         self.reduce()
 
-    def forward(self, batch, anchor: torch.Tensor, **kwargs) -> dict[str, Any]:
-        out = self.model(batch, **kwargs)
+    def forward(self, batch, anchor: torch.Tensor) -> dict[str, Any]:
+        out = self.model(batch)
         return {k: _AtBackwardEnd.apply(v, self._queue_reduce) if torch.is_tensor(v) and v.requires_grad else v
                 for k, v in out.items()}
 
@@ -126,10 +126,10 @@ class DeepSpeedZero3Adapter(DeepSpeedEngineAdapter):
                 p.grad = torch.zeros_like(p)
             self.optimizer.reduce_ready_partitions_and_remove_grads(p)
 
-    def forward(self, batch, compute_forces: bool = True, compute_stress: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, batch) -> dict[str, torch.Tensor]:
         anchor = torch.zeros((), device=self.device, requires_grad=True)
         with self._autocast():
-            return self.wrapped(batch, anchor, compute_forces=compute_forces, compute_stress=compute_stress)
+            return self.wrapped(batch, anchor)
 
     @contextlib.contextmanager
     def evaluation(self) -> Iterator[torch.nn.Module]:

@@ -154,8 +154,71 @@ def test_evaluate_writes_table_csv_and_plots(tmp_path, capsys):
     assert all(int(r["frames"]) == 12 for r in rows)
     forces = connect(OXIDES).get(1).forces
     assert float(rows[1]["baseline_mae"]) > 0 and np.isfinite(forces).all()
-    for name in ("parity_mptrj.png", "errors_mptrj.png"):
+    for name in ("summary.png", "parity_mptrj.png", "errors_mptrj.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert args.dtype == "float32"  # the default; --float64 opts in
+
+
+def test_float64_flag_and_dtype_option_agree():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["evaluate", "m.pt", "s", "--float64"]).dtype == "float64"
+    assert parser.parse_args(["evaluate", "m.pt", "s", "--dtype", "float64"]).dtype == "float64"
+
+
+def _predictions(true: np.ndarray, pred: np.ndarray, baseline: float, natoms: int = 2):
+    from lampretrain.inference.evaluate import Predictions
+
+    p = Predictions("set")
+    for t, q in zip(true, pred):
+        p.true["energy"].append(np.array([t * natoms]))
+        p.pred["energy"].append(np.array([q * natoms]))
+        p.natoms.append(natoms)
+        p.baseline.append(baseline)
+        p.n_frames += 1
+    return p
+
+
+def test_energy_parity_shows_the_deviation_from_the_baseline_in_meV():
+    """-5.000 and -5.300 eV/atom against a -5.1 baseline: the plot shows +100 and -200 meV/atom, not -5.0 and -5.3
+    on axes where a 300 meV/atom error would look like the diagonal."""
+    p = _predictions(np.array([-5.0, -5.3]), np.array([-5.3, -5.0]), baseline=-5.1)
+    true, pred = p.plotted("energy")
+    np.testing.assert_allclose(true, [100.0, -200.0], atol=1e-9)
+    np.testing.assert_allclose(pred, [-200.0, 100.0], atol=1e-9)
+
+
+def test_table_marks_every_score_no_better_than_the_baseline():
+    from lampretrain.inference.evaluate import WORSE, format_table, metrics_table
+
+    good = _predictions(np.array([-5.0, -5.2]), np.array([-5.01, -5.19]), baseline=-5.1)  # 10 meV/atom vs 100
+    bad = _predictions(np.array([-5.0, -5.2]), np.array([-5.3, -4.9]), baseline=-5.1)
+    rows = metrics_table({"good": good, "bad": bad})
+    flags = {(r["dataset"], k): r[f"{k}_worse_than_baseline"] for r in rows for k in ("mae", "rmse")}
+    assert flags == {("good", "mae"): False, ("good", "rmse"): False, ("bad", "mae"): True, ("bad", "rmse"): True}
+    lines = format_table(rows).splitlines()
+    bad_line = next(line for line in lines if line.startswith("bad"))
+    good_line = next(line for line in lines if line.startswith("good"))
+    assert bad_line.count(WORSE) == 2 and WORSE not in good_line
+    assert any("2 score(s) no better than the mean baseline" in line for line in lines)
+
+
+def test_parity_uses_hexbin_above_a_few_thousand_values(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from lampretrain.inference.evaluate import Predictions
+    from lampretrain.inference.plots import HEXBIN_ABOVE, parity_panel
+
+    rng = np.random.default_rng(0)
+    for n, density in ((HEXBIN_ABOVE // 3 - 1, False), (HEXBIN_ABOVE // 3 + 1, True)):  # 3 components per atom
+        p = Predictions("set")
+        forces = rng.normal(size=(n, 3))
+        p.true["forces"].append(forces.ravel())
+        p.pred["forces"].append((forces + 0.1 * rng.normal(size=(n, 3))).ravel())
+        fig, ax = plt.subplots()
+        assert (parity_panel(ax, p, "forces") is not None) == density
+        assert ax.get_xlim() == ax.get_ylim()  # equal axes
+        plt.close(fig)
 
 
 def test_evaluate_baseline_from_training_stats_and_mlflow_logging(tmp_path, capsys):
@@ -201,6 +264,11 @@ def test_evaluate_baseline_from_training_stats_and_mlflow_logging(tmp_path, caps
     assert logged["eval/mptrj/force_component_mae"] == pytest.approx(float(rows["forces"]["mae"]), rel=1e-9)
     assert rows["forces"]["rmse_metric"] == "force_component_rmse"
     artifacts = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"metrics.csv", "metrics.txt", "metrics.json", "parity_mptrj.png", "errors_mptrj.png"} <= artifacts
+    assert {"metrics.csv", "metrics.txt", "metrics.json", "summary.png", "parity_mptrj.png",
+            "errors_mptrj.png"} <= artifacts
+    for r in rows.values():  # the flag of the table, logged per score
+        for kind in ("mae", "rmse"):
+            assert logged[f"eval/mptrj/{r[f'{kind}_metric']}_worse_than_baseline"] == float(
+                r[f"{kind}_worse_than_baseline"] == "True")
     table = json.loads(Path(client.download_artifacts(run_id, "evaluation/metrics.json", str(tmp_path / "dl"))).read_text())
     assert table["columns"][:2] == ["dataset", "quantity"] and len(table["data"]) == 2  # energy and forces rows

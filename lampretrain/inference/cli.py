@@ -25,7 +25,9 @@ def add_parser(subparsers) -> None:
         "Prints a per-dataset table (energy meV/atom, forces meV/Å, stress GPa) with the mean baseline "
         "(training statistics: element references + mean per-atom residual from stats.json of --baseline-store, "
         "else the checkpoint's training store, else the evaluated stores, else the model's references; zero forces "
-        "and stress) and writes metrics.csv, metrics.txt, parity_<dataset>.png and errors_<dataset>.png to --out.",
+        "and stress); a score no better than the baseline's is marked '!'. Writes metrics.csv, metrics.txt, "
+        "summary.png (a parity panel per dataset and quantity, energies as the deviation from the baseline), "
+        "parity_<dataset>.png and errors_<dataset>.png to --out.",
         epilog="examples (after `lampretrain demo`):\n"
         "  lampretrain evaluate outputs/demo/matris outputs/demo/store --split val --out outputs/demo/eval\n"
         "  lampretrain evaluate outputs/demo/matris tests/data/real/fairchem_oxides_asedb/oxides.db "
@@ -46,6 +48,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baseline-store", metavar="DIR", help="store whose stats.json (training statistics) gives the "
                    "energy baseline (default: the checkpoint's training store when it still exists)")
     p.add_argument("--mlflow-run", metavar="ID", help="log metrics, the table and the files as artifacts to this MLflow run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--mlflow-uri", help="tracking URI (default: the run's sqlite store next to the checkpoint, "
                    "else MLFLOW_TRACKING_URI)")
 
@@ -144,17 +147,29 @@ def _mlflow_uri(checkpoint: Path, given: str | None) -> str | None:
 
 
 def log_mlflow(run_id: str, uri: str | None, rows: list[dict], files: list[Path]) -> None:
-    """Metrics ``eval/<dataset>/<metric>`` and ``eval/<dataset>/baseline/<metric>`` (the row's MAE and RMSE
-    metrics, reporting units), the table as an MLflow table (``evaluation/metrics.json``) and every file under
-    ``evaluation/``."""
+    """Metrics ``eval/<dataset>/<metric>``, ``eval/<dataset>/baseline/<metric>`` (the row's MAE and RMSE
+    metrics, reporting units) and ``eval/<dataset>/<metric>_worse_than_baseline`` (1: no better than the mean
+    baseline), the table as an MLflow table (``evaluation/metrics.json``) and every file under ``evaluation/``."""
+    import warnings
+
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
+    with warnings.catch_warnings():
+        # MLflow's own deprecated calls (its sqlalchemy store's `noload`, log_table's pandas select_dtypes), which
+        # the user can do nothing about: exactly these two messages are silenced
+        warnings.filterwarnings("ignore", "The ``noload`` loader strategy is deprecated")
+        warnings.filterwarnings("ignore", "For backward compatibility, 'str' dtypes are included by select_dtypes")
+        _log_mlflow(MlflowClient(uri), run_id, rows, files)
+
+
+def _log_mlflow(client, run_id: str, rows: list[dict], files: list[Path]) -> None:
     client.get_run(run_id)  # an unknown run fails here, naming the id, before anything is logged
     for r in rows:
         for kind in ("mae", "rmse"):
             client.log_metric(run_id, f"eval/{r['dataset']}/{r[f'{kind}_metric']}", float(r[kind]))
             client.log_metric(run_id, f"eval/{r['dataset']}/baseline/{r[f'{kind}_metric']}", float(r[f"baseline_{kind}"]))
+            client.log_metric(run_id, f"eval/{r['dataset']}/{r[f'{kind}_metric']}_worse_than_baseline",
+                              float(r[f"{kind}_worse_than_baseline"]))
     client.log_table(run_id, {key: [r[key] for r in rows] for key in rows[0]}, "evaluation/metrics.json")
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="evaluation")
@@ -172,7 +187,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     baselines = energy_baselines(checkpoint, args.baseline_store, args.sources)
     heads = None if args.dataset else model.dataset_names
     frames = read_sources(args.sources, args.split, args.max_frames, heads)
-    predictions = predict(model, frames, args.dataset, args.batch_size, args.device, getattr(torch, args.dtype), baselines)
+    predictions = predict(model, frames, args.dataset, args.batch_size, args.device, getattr(torch, args.dtype),
+                          baselines, progress=not args.quiet)
     if not predictions:
         print(f"error: no frames in {', '.join(args.sources)} (split {args.split})")
         return 1

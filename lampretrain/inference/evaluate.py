@@ -85,13 +85,24 @@ class Predictions:
     n_frames: int = 0
 
     def arrays(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
-        """Flat true and predicted values; energies per atom (what the plots show)."""
+        """Flat true and predicted values; energies per atom."""
         if not self.true.get(quantity):
             return np.zeros(0), np.zeros(0)
         true, pred = np.concatenate(self.true[quantity]), np.concatenate(self.pred[quantity])
         if quantity == "energy":
             return true / np.asarray(self.natoms), pred / np.asarray(self.natoms)
         return true, pred
+
+    def plotted(self, quantity: str) -> tuple[np.ndarray, np.ndarray]:
+        """What the parity plots show, in reporting units: energies as the deviation of the energy per atom from
+        each frame's mean baseline (element references + mean residual). Absolute energies per atom span eV
+        between compositions, so a 100 meV/atom error would sit on the diagonal; the deviation is what a
+        model has to learn beyond the training statistics."""
+        true, pred = self.arrays(quantity)
+        if quantity == "energy":
+            baseline = np.asarray(self.baseline)
+            true, pred = true - baseline, pred - baseline
+        return true * SCALE[quantity], pred * SCALE[quantity]
 
     def scores(self, quantity: str, baseline: bool = False) -> tuple[float, float]:
         """(MAE, RMSE) of ``REPORTED[quantity]`` in reporting units, of the model or of the mean baseline."""
@@ -114,12 +125,16 @@ def predict(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     baselines: dict[str, EnergyBaseline] | None = None,
+    progress: bool = False,
 ) -> dict[str, Predictions]:
     """Run ``model`` on labelled frames, grouped by head (``dataset`` or each frame's own).
 
     ``baselines``: the energy baseline of each frame's own dataset (from its store's
     statistics); a frame without one uses its head's references in the model.
+    ``progress``: a progress bar over the frames (stderr).
     """
+    from tqdm import tqdm
+
     model = model.to(device=device, dtype=dtype).eval()
     names = list(model.dataset_names)
     cutoff, three_body = graph_cutoffs(model)
@@ -135,6 +150,7 @@ def predict(
             )
         groups[head].append(frame)
     out: dict[str, Predictions] = {}
+    bar = tqdm(total=sum(len(items) for items in groups.values()), unit="frame", desc="evaluate", disable=not progress)
     for head, items in groups.items():
         preds = out[head] = Predictions(head)
         row = table[names.index(head)]
@@ -146,6 +162,9 @@ def predict(
             result = model(batch, compute_forces=True, compute_stress=periodic, dataset=head)
             chosen = [baselines.get(f.dataset, fallback) for f in chunk]
             _collect(preds, chunk, {key: v.detach().cpu().double().numpy() for key, v in result.items()}, chosen)
+            bar.set_postfix_str(head, refresh=False)
+            bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -187,19 +206,30 @@ def metrics_table(predictions: dict[str, Predictions]) -> list[dict[str, object]
                 "dataset": name, "quantity": quantity, "unit": unit, "frames": p.n_frames, "values": int(true.size),
                 "mae_metric": mae_metric.name, "rmse_metric": rmse_metric.name,
                 "mae": model_mae, "rmse": model_rmse, "baseline_mae": base_mae, "baseline_rmse": base_rmse,
+                # no better than predicting the training statistics: the model learned nothing here
+                "mae_worse_than_baseline": model_mae >= base_mae, "rmse_worse_than_baseline": model_rmse >= base_rmse,
                 "baseline": "; ".join(sorted(p.baseline_sources)) if quantity == "energy" else "zero",
             })
     return rows
 
 
+WORSE = "!"  # after a model score that is no better than the mean baseline's
+
+
 def format_table(rows: list[dict[str, object]]) -> str:
-    header = f"{'dataset':<16} {'quantity':<8} {'unit':<9} {'frames':>6} {'MAE':>10} {'RMSE':>10} {'base MAE':>10} {'base RMSE':>10}"
+    header = (f"{'dataset':<16} {'quantity':<8} {'unit':<9} {'frames':>6} {'MAE':>11} {'RMSE':>11} {'base MAE':>10} "
+              f"{'base RMSE':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        mae = f"{r['mae']:.3f}{WORSE if r['mae_worse_than_baseline'] else ' '}"
+        rmse = f"{r['rmse']:.3f}{WORSE if r['rmse_worse_than_baseline'] else ' '}"
         lines.append(
-            f"{r['dataset']:<16} {r['quantity']:<8} {r['unit']:<9} {r['frames']:>6} {r['mae']:>10.3f} "
-            f"{r['rmse']:>10.3f} {r['baseline_mae']:>10.3f} {r['baseline_rmse']:>10.3f}"
+            f"{r['dataset']:<16} {r['quantity']:<8} {r['unit']:<9} {r['frames']:>6} {mae:>11} {rmse:>11} "
+            f"{r['baseline_mae']:>10.3f} {r['baseline_rmse']:>10.3f}"
         )
+    worse = sum(bool(r["mae_worse_than_baseline"]) + bool(r["rmse_worse_than_baseline"]) for r in rows)
+    if worse:
+        lines.append(f"{WORSE} {worse} score(s) no better than the mean baseline (base columns)")
     lines += [f"energy baseline of {r['dataset']}: {r['baseline']}" for r in rows if r["quantity"] == "energy"]
     return "\n".join(lines)
 

@@ -10,6 +10,10 @@ the standardised target over the CSV cells that are present (an empty cell is a
 missing label, masked). Rows are matched to frames by the store's content hash
 (``property.key: hash``, the index's ``hash`` column) or by the frame's source
 ``<file>#<index>`` as the reader recorded it (``key: source``).
+
+It trains on the pretraining loop (:func:`lampretrain.train.pretrain` with :class:`PropertyHooks`), so engines,
+EMA, checkpoints, resume and several ranks work as for any run; the targets ride in the batches
+(:class:`PropertyBatch`), and ``finetune/run.py`` exports the final checkpoint's EMA model.
 """
 
 from __future__ import annotations
@@ -81,12 +85,13 @@ def read_targets(path: str | Path, id_column: str, columns: list[str]) -> dict[s
     return table
 
 
+@dataclass
 class PropertySet(Dataset):
-    """The frames of one store split that have a CSV row: item k is (frame, its targets (D,) float64, NaN where
-    missing)."""
+    """The frames of one store split that have a CSV row: item k is (frame, its targets)."""
 
-    def __init__(self, frames: LmdbFrameDataset, items: np.ndarray, targets: np.ndarray):
-        self.frames, self.items, self.targets = frames, items, targets  # items: (F,) positions in ``frames``
+    frames: LmdbFrameDataset
+    items: np.ndarray  # (F,) positions in ``frames``
+    targets: np.ndarray  # (F, D) float64, NaN where missing
 
     def __len__(self) -> int:
         return int(self.items.size)
@@ -99,22 +104,18 @@ class PropertySet(Dataset):
         return PropertySet(self.frames, self.items[rank::world_size], self.targets[rank::world_size])
 
 
-def frame_keys(index: StoreIndex, frames: LmdbFrameDataset, rows: np.ndarray, key: str) -> list[str]:
-    """The id of each of ``rows`` (the store rows of ``frames``): its content hash (index column) or its source
-    (read from the frame)."""
-    if key == "hash":
-        return [h.decode("ascii") for h in index.hash[rows]]
-    return [frames[k].source for k in range(len(rows))]
-
-
 def property_set(
     index: StoreIndex, split: str, table: Mapping[str, np.ndarray], section: PropertySection,
     datasets: list[str] | None, max_natoms: int | None,
 ) -> PropertySet:
-    """The selected ``split`` frames that have a row in ``table``."""
+    """The selected ``split`` frames that have a row in ``table``, by content hash (index column) or source (read
+    from the frame)."""
     rows = index.select(split, datasets, max_natoms, required=False).rows
     frames = LmdbFrameDataset.from_rows(index, split, rows)
-    keys = frame_keys(index, frames, rows, section.key)
+    if section.key == "hash":
+        keys = [h.decode("ascii") for h in index.hash[rows]]
+    else:
+        keys = [frames[k].source for k in range(len(rows))]
     items = [k for k in range(len(rows)) if keys[k] in table]
     width = len(section.columns)
     targets = np.array([table[keys[k]] for k in items], dtype=np.float64).reshape(len(items), width)
@@ -225,27 +226,16 @@ class PropertyObjective(torch.nn.Module):
         return loss, {"loss": loss.detach()}
 
 
-@dataclass
-class PropertyErrors:
-    mae: np.ndarray  # (D,) in the CSV's units
-    rmse: np.ndarray  # (D,)
-    baseline_mae: np.ndarray  # (D,) of the training mean
-    count: np.ndarray  # (D,) present values
-
-    @classmethod
-    def from_sums(cls, sums: torch.Tensor) -> "PropertyErrors":
-        """From :func:`error_sums` added up over batches (and ranks)."""
-        absolute, square, baseline, count = sums.cpu().numpy()
-        denom = np.maximum(count, 1)
-        return cls(absolute / denom, np.sqrt(square / denom), baseline / denom, count)
-
-    def metrics(self, prefix: str, columns: list[str]) -> dict[str, float]:
-        """``{prefix}mae`` and ``{prefix}baseline_mae`` (means over the columns) and per-column MAE, RMSE, baseline."""
-        out = {f"{prefix}mae": float(np.mean(self.mae)), f"{prefix}baseline_mae": float(np.mean(self.baseline_mae))}
-        for k, c in enumerate(columns):
-            out.update({f"{prefix}{c}_mae": float(self.mae[k]), f"{prefix}{c}_rmse": float(self.rmse[k]),
-                        f"{prefix}{c}_baseline_mae": float(self.baseline_mae[k])})
-        return out
+def property_metrics(sums: torch.Tensor, prefix: str, columns: list[str]) -> dict[str, float]:
+    """From :func:`error_sums` added up over batches and ranks: ``{prefix}mae`` and ``{prefix}baseline_mae`` (of the
+    training mean; means over the columns) and per column ``{prefix}<column>_mae``, ``_rmse``, ``_baseline_mae``,
+    in the CSV's units."""
+    absolute, square, baseline = (sums[:3] / sums[3].clamp(min=1)).cpu().numpy()
+    out = {f"{prefix}mae": float(np.mean(absolute)), f"{prefix}baseline_mae": float(np.mean(baseline))}
+    for k, c in enumerate(columns):
+        out.update({f"{prefix}{c}_mae": float(absolute[k]), f"{prefix}{c}_rmse": float(np.sqrt(square[k])),
+                    f"{prefix}{c}_baseline_mae": float(baseline[k])})
+    return out
 
 
 def error_sums(model: PropertyModel, batch: PropertyBatch) -> torch.Tensor:
@@ -298,7 +288,7 @@ class PropertyHooks(TrainHooks):
         self.mean, self.std = target_scale(self.train.targets)
         self.prefix = f"{ft.eval_split}_"
         self.model: PropertyModel | None = None
-        self.step0: dict[str, float] = {}
+        self.step0_file = Path(recipe.output) / "property-step0.json"
 
     def build_data(self, recipe: FinetuneRecipe, rank: int, world_size: int) -> TrainData:
         sampler = BalancedBatchSampler(np.ones(len(self.train)), recipe.property.graphs, rank, world_size,
@@ -342,25 +332,20 @@ class PropertyHooks(TrainHooks):
             for batch in batches:
                 sums += error_sums(module, batch.to(device))
         dist.all_reduce(sums)
-        return PropertyErrors.from_sums(sums).metrics(self.prefix, self.recipe.property.columns)
+        return property_metrics(sums, self.prefix, self.recipe.property.columns)
 
     def lr_scales(self, model: PropertyModel) -> dict[str, float]:
         return {f"base.{n}": s for n, s in lr_scales(model.base, self.recipe.finetune.lr_decay).items()}
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        if step == 0:  # the validation before the first step; a resumed run reads it back for its report
-            self.step0 = metrics
-            self._step0_file().write_text(json.dumps(metrics))
+        if step == 0:  # the validation before the first step, kept for the report of this run and of its resumptions
+            self.step0_file.write_text(json.dumps(metrics))
         if self._on_log is not None:
             self._on_log(step, metrics)
 
-    def _step0_file(self) -> Path:
-        return Path(self.recipe.output) / "property-step0.json"
-
     def report(self, final: dict[str, float]) -> PropertyReport:
-        step0 = self.step0
-        if not step0 and self._step0_file().exists():
-            step0 = json.loads(self._step0_file().read_text())
+        """The run's summary (on rank 0, which keeps the step-0 validation)."""
+        step0 = json.loads(self.step0_file.read_text()) if self.step0_file.exists() else {}
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return PropertyReport(list(self.recipe.property.columns), len(self.train),
                               len(self.evaluation) if self.evaluation is not None else 0,

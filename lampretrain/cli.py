@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     module, function = COMMANDS[args.command].split(":")
     try:
         return getattr(importlib.import_module(module), function)(args)
+    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint stands (SIGTERM/SIGUSR1 write one first)
+        print("interrupted; a run continues from its last checkpoint with --resume auto", file=sys.stderr)
+        return 130
     except UserError as err:
         if args.debug:
             import traceback

@@ -113,3 +113,19 @@ def test_group_signal_single_process_checkpoints_and_resumes_bitwise(store, tmp_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
 def test_group_signal_torchrun_two_ranks_checkpoints_and_resumes_bitwise(store, tmp_path, sig):
     check_preempted_then_resume(tmp_path, store, sig, nproc=2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_trainer_and_its_loader_workers(store, tmp_path):
+    """SIGINT to the process group (Ctrl-C): the workers leave it to the trainer, which stops with one line and
+    exit code 130, and its workers end with it (a SIGTERM the exiting trainer sends them is obeyed; before, the
+    interpreter's exit waited forever for a worker that ignored it)."""
+    (tmp_path / "cut").mkdir()
+    recipe = write_recipe(tmp_path / "cut", store, **SECTIONS)
+    root = tmp_path / "cut" / "run" / "checkpoints"
+    code, out = preempt(single_cmd(recipe), root, signal.SIGINT, tmp_path / "interrupted.log", ENV)
+    assert code == 130, out[-4000:]
+    assert out.strip().splitlines()[-1] == "interrupted; a run continues from its last checkpoint with --resume auto"
+    assert "Traceback" not in out and "killed by signal" not in out, out[-4000:]
+    leftover = subprocess.run(["pgrep", "-f", str(recipe)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the run still alive: {leftover}"

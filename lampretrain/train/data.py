@@ -9,8 +9,14 @@ their frames with :meth:`StoreIndex.select`.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
+import os
 import signal
+import weakref
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event
 from typing import Iterator
 
 import numpy as np
@@ -29,18 +35,34 @@ from ..store.index import StoreIndex
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _ignore_preemption(worker_id: int) -> None:
+def _leave_preemption_to_the_trainer(worker_id: int, exiting: Event) -> None:
     """worker_init_fn: the trainer alone reacts to preemption; it stops its workers through the DataLoader.
 
     Runs after torch's own worker signal handlers (its SIGTERM one re-raises the default action), so it wins.
-    The signals stay blocked from the fork (:class:`WorkerLoader`) to here: one sent meanwhile is discarded
-    by SIG_IGN instead of killing a worker that has not got this far. Torch's fallback ``terminate()`` of a
-    worker that does not join is thereby a no-op; such a worker still leaves once the trainer has gone (torch's
-    worker watchdog checks its parent every few seconds).
+    SIGUSR1 and SIGINT are ignored; SIGTERM is ignored too unless ``exiting`` is set: the trainer sets it when it
+    shuts these workers down or exits (:class:`WorkerLoader`), so torch's fallback ``terminate()`` and
+    multiprocessing's terminate-and-join of daemon children at interpreter exit still end a worker, and a
+    Ctrl-C'd trainer does not wait forever for one. The signals stay blocked from the fork to here: one sent
+    meanwhile is discarded by SIG_IGN instead of killing a worker that has not got this far.
     """
-    for sig in WORKER_IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_terminate_when_released, exiting))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
+
+
+def _terminate_when_released(exiting: Event, sig: int, frame) -> None:
+    if exiting.is_set():
+        os._exit(128 + sig)
+
+
+_RELEASES: weakref.WeakSet = weakref.WeakSet()  # the exiting events of live workers, set at interpreter exit
+
+
+@atexit.register  # after multiprocessing's own exit hook in registration, so it runs before it
+def _release_all_workers() -> None:
+    for event in list(_RELEASES):
+        event.set()
 
 
 class WorkerLoader(DataLoader):
@@ -48,20 +70,29 @@ class WorkerLoader(DataLoader):
 
     Workers are forked when an iteration starts (every epoch, every validation), so the signals are blocked
     in the trainer's thread around that; a signal that comes then waits for the unblock and reaches the
-    trainer's handler a few milliseconds late, and the workers inherit the block (see ``_ignore_preemption``).
+    trainer's handler a few milliseconds late, and the workers inherit the block. Each iteration's workers
+    get their own ``exiting`` event, set when that iteration shuts its workers down or the process exits.
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, worker_init_fn=_ignore_preemption, **kwargs)
 
     def __iter__(self):
         if self.num_workers == 0:
             return super().__iter__()
+        exiting = self.multiprocessing_context.Event() if self.multiprocessing_context else multiprocessing.Event()
+        _RELEASES.add(exiting)
+        self.worker_init_fn = functools.partial(_leave_preemption_to_the_trainer, exiting=exiting)
         before = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
         try:
-            return super().__iter__()
+            iterator = super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        shutdown = iterator._shutdown_workers  # torch's; its terminate() fallback must be able to end a worker
+
+        def release_then_shutdown():
+            exiting.set()
+            shutdown()
+
+        iterator._shutdown_workers = release_then_shutdown
+        return iterator
 
 
 @dataclass

@@ -10,6 +10,7 @@ BENCHES = {
     "scaling": "lampretrain.bench.scaling",
     "cost": "lampretrain.bench.cost_fit",
     "cli": "lampretrain.bench.cli_help",
+    "nve": "lampretrain.bench.nve",
     "all": "lampretrain.bench.suite",
     "summary": "lampretrain.bench.summary",
 }

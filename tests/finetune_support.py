@@ -10,6 +10,7 @@ import yaml
 from lampretrain.config import from_dict
 from lampretrain.prep.pipeline import prepare
 from lampretrain.prep.spec import PrepSpec
+from lampretrain.train.distributed import free_port  # noqa: F401 (tests take it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "data" / "real"
@@ -18,15 +19,6 @@ AL = REAL / "custodian_vasp_mp/Al_r2SCAN_relax/vasprun.xml"
 OXIDES = REAL / "fairchem_oxides_asedb/oxides.db"
 # Short cutoffs keep the tests fast on a shared CPU: a 4-atom FeO cell has ~50x fewer bond pairs at 3 Å than at 4.5 Å.
 SMALL_GRAPHS = {"cutoff": 4.0, "three_body_cutoff": 3.0}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nothing listens on now (rendezvous, Ray heads: never a fixed or derived port)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_store(out: Path, sources: list[dict], val: float = 0.2, graphs: dict | None = None) -> Path:

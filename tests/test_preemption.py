@@ -116,16 +116,18 @@ def test_group_signal_torchrun_two_ranks_checkpoints_and_resumes_bitwise(store, 
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_trainer_and_its_loader_workers(store, tmp_path):
-    """SIGINT to the process group (Ctrl-C): the workers leave it to the trainer, which stops with one line and
-    exit code 130, and its workers end with it (a SIGTERM the exiting trainer sends them is obeyed; before, the
-    interpreter's exit waited forever for a worker that ignored it)."""
+def test_ctrl_c_checkpoints_and_ends_every_process_of_the_run(store, tmp_path):
+    """Ctrl-C (SIGINT to the process group) is a preemption: the step finishes, a checkpoint is written, the
+    run exits 0, and its loader workers end with it (before, the exit waited forever for a worker that ignored
+    the SIGTERM multiprocessing sends its children at exit)."""
     (tmp_path / "cut").mkdir()
     recipe = write_recipe(tmp_path / "cut", store, **SECTIONS)
     root = tmp_path / "cut" / "run" / "checkpoints"
     code, out = preempt(single_cmd(recipe), root, signal.SIGINT, tmp_path / "interrupted.log", ENV)
-    assert code == 130, out[-4000:]
-    assert out.strip().splitlines()[-1] == "interrupted; a run continues from its last checkpoint with --resume auto"
+    assert code == 0, out[-4000:]
+    reached = re.search(r"\[lampretrain\] preempted: checkpoint (\S+) at step (\d+)", out)
+    assert reached and 2 < int(reached.group(2)) < FINAL, out[-4000:]
+    ckpt.verify(Path(reached.group(1)))
     assert "Traceback" not in out and "killed by signal" not in out, out[-4000:]
     leftover = subprocess.run(["pgrep", "-f", str(recipe)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the run still alive: {leftover}"

@@ -528,3 +528,22 @@ def test_graphs_built_on_the_device_train_as_graphs_built_in_the_loader(tmp_path
     for name, value in t_loader.items():
         if name.startswith("/model/"):
             torch.testing.assert_close(t_device[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_run_of_one_leaves_no_launcher_environment_behind(monkeypatch):
+    """A process that trains in-process (tests, notebooks) and then starts children must not hand them the
+    RANK/MASTER_PORT of its finished world of one: a child would take them for torchrun's and bind that port."""
+    import torch.distributed as dist
+
+    from lampretrain.train.distributed import SOLO_ENV, setup, teardown
+
+    for key in SOLO_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    ctx = setup("cpu", "gloo")
+    assert dist.get_world_size() == 1 and os.environ["RANK"] == "0"
+    teardown(ctx)
+    assert not [key for key in SOLO_ENV if key in os.environ]
+    ctx = setup("cpu", "gloo")  # and a second run of one gets a port of its own
+    teardown(ctx)

@@ -18,10 +18,14 @@ class Context:
     device: torch.device
     control: dist.ProcessGroup  # gloo group for host-side flags (preemption), never touches the GPU stream
     owns_group: bool = True  # setup() created the process group, so teardown() destroys it
+    solo_env: bool = False  # setup() set RANK, WORLD_SIZE, ... itself (a world of one): teardown() removes them
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+SOLO_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -37,7 +41,8 @@ def setup(device: str = "auto", backend: str = "auto") -> Context:
     that runs several trainings (tests, notebooks) keeps one group, because re-initializing one on the
     same rendezvous store is not reliable (stale keys, libraries' cached sub-groups).
     """
-    if "RANK" not in os.environ:  # a plain `lampretrain pretrain`: a world of one, same code path
+    solo = "RANK" not in os.environ
+    if solo:  # a plain `lampretrain pretrain`: a world of one, same code path
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -53,7 +58,7 @@ def setup(device: str = "auto", backend: str = "auto") -> Context:
     if owns:
         dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank, dev, control, owns)
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank, dev, control, owns, solo)
 
 
 def teardown(ctx: Context) -> None:
@@ -61,3 +66,6 @@ def teardown(ctx: Context) -> None:
         dist.barrier()
         if ctx.owns_group:
             dist.destroy_process_group()
+    if ctx.solo_env:  # a later run in this process, or a child it starts, must not take them for a launcher's
+        for key in SOLO_ENV:
+            os.environ.pop(key, None)

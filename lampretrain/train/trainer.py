@@ -137,9 +137,13 @@ class _KeySums:
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; all ranks agree on it after every step (gloo MAX of one int)."""
+    """SIGTERM/SIGUSR1/SIGINT set a flag; all ranks agree on it after every step (gloo MAX of one int).
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Ctrl-C is a preemption too: the step finishes and a checkpoint is written. A second Ctrl-C stops at once
+    (KeyboardInterrupt), for a user who will not wait for the step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, group):
         self.group = group
@@ -149,6 +153,8 @@ class Preemption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
         self.flag = True
         if self.since is None:
             self.since = time.perf_counter()

@@ -1,0 +1,86 @@
+"""Checkpoints of other codes: the published formats a family reads (``lampretrain import``) and writes
+(``lampretrain export --format``).
+
+A family package registers each format it speaks with :func:`register_format`: ``read`` turns a file of
+that format into a :class:`~lampretrain.models.multitask.MultiTaskModel` (one head per dataset the source
+was trained on, its element references, the source's settings recorded), ``write`` hands a model of this
+family back in that format. Nothing outside the family package knows a format's layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from ..files import atomic_write, atomic_write_json, file_sha256
+
+MODEL_FILE = "model.pt"  # what an imported checkpoint directory holds, loaded by inference.loading
+RECORD_FILE = "import.json"  # where it came from: format, file, sha256, the source's own settings
+
+
+class ForeignFormatError(UserError, ValueError):
+    """A file that is not of the format it was given as, or a model that format cannot hold; names the file."""
+
+
+@dataclass
+class Imported:
+    """What :attr:`ForeignFormat.read` returns."""
+
+    model: Any  # MultiTaskModel, eval mode, float32 unless the source was float64
+    source: dict[str, Any] = field(default_factory=dict)  # the source's own config and names, JSON-able
+
+
+@dataclass(frozen=True)
+class ForeignFormat:
+    name: str  # as the CLI spells it: ``lampretrain import NAME SRC``
+    description: str  # one line for --help
+    read: Callable[[Path], Imported]
+    # (model, path, dataset): write ``model``'s head ``dataset`` (None: its only one) to ``path``
+    write: Callable[[Any, Path, str | None], None]
+
+
+_FORMATS: dict[str, ForeignFormat] = {}
+
+
+def register_format(fmt: ForeignFormat) -> ForeignFormat:
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def formats() -> dict[str, ForeignFormat]:
+    """Every registered format by name (imports the families, which register theirs)."""
+    from . import available
+
+    available()
+    return dict(sorted(_FORMATS.items()))
+
+
+def get_format(name: str) -> ForeignFormat:
+    known = formats()
+    if name not in known:
+        raise ForeignFormatError(f"unknown checkpoint format '{name}'; known: {', '.join(known)}")
+    return known[name]
+
+
+def import_checkpoint(name: str, src: str | Path, out: str | Path) -> Path:
+    """Read ``src`` as format ``name`` and write the lampretrain checkpoint directory ``out``
+    (``model.pt`` + ``import.json``), which ``Calculator``, ``evaluate``, ``export`` and ``finetune`` load."""
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise ForeignFormatError(f"{src}: no such file (a {name} checkpoint file)")
+    imported = get_format(name).read(src)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / MODEL_FILE, imported.model.save)
+    record = {"format": name, "file": str(src.resolve()), "sha256": file_sha256(src), **imported.source}
+    atomic_write_json(out / RECORD_FILE, record)
+    return out
+
+
+def import_source(spec: str) -> tuple[str, Path] | None:
+    """``"matris:PATH"`` → ("matris", PATH) when ``matris`` is a registered format, else None (a plain path)."""
+    name, sep, rest = spec.partition(":")
+    if not sep or name not in formats():
+        return None
+    return name, Path(rest)

@@ -65,8 +65,35 @@ class SamplingSection:
 
 
 @dataclass
+class WdsSection:
+    """How ``data.format: wds`` streams the store's tar shards (sampling.stream, store.wds_shards.ShardStream)."""
+
+    # frames per window: a rank holds one window of frames at a time and mixes them across its micro-batches
+    shuffle_buffer: int = 4096
+    # shards are shuffled in segments of at most this many frames (default: whole shards, read front to back);
+    # smaller segments mix datasets and shards better at the cost of more shard openings per epoch
+    segment: int | None = None
+    # where shard files are read from: a template with {path}, the shard's path in the store (e.g. wds/train-00000.tar),
+    # opened by webdataset's gopen: "https://host/mystore/{path}", "pipe:aws s3 cp s3://bucket/mystore/{path} -";
+    # default: the store directory itself. The store's manifest and index are always read from data.store.
+    url: str | None = None
+
+    def check(self) -> None:
+        _at_least({"shuffle_buffer": self.shuffle_buffer, "segment": self.segment}, 1)
+        if self.url is not None and "{path}" not in self.url:
+            raise ConfigError(f"url: '{self.url}' has no {{path}}; e.g. https://host/mystore/{{path}}")
+
+    def shard_url(self, store: str, path: str) -> str:
+        return str(Path(store) / path) if self.url is None else self.url.replace("{path}", path)
+
+
+@dataclass
 class DataSection:
     store: str  # directory written by `lampretrain prep`
+    # lmdb: random access to LMDB shards (local disks); wds: each rank streams its WebDataset tar shards
+    # front to back (shared filesystems, object stores: data.wds)
+    format: Literal["lmdb", "wds"] = "lmdb"
+    wds: WdsSection = field(default_factory=WdsSection)
     budget: float = 2000.0  # cost per rank and micro-batch (atoms with the default cost model)
     cost: CostSection = field(default_factory=CostSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
@@ -92,11 +119,38 @@ class DataSection:
         validated on a machine that does not hold its store, e.g. by ``launch``)."""
         from .store.index import StoreIndex
 
-        names = StoreIndex.open(self.store).select(self.split, self.datasets, self.max_natoms).names
+        index = StoreIndex.open(self.store)
+        names = index.select(self.split, self.datasets, self.max_natoms).names
+        if self.format == "wds":
+            self.wds_shard_urls(index, self.split)
         stray = [n for n in self.sampling.ratios if n not in names]
         if stray:
             raise ConfigError(f"data.sampling.ratios: '{stray[0]}' is not among the trained datasets "
                               f"({', '.join(names)})")
+
+    def wds_shard_urls(self, index, split: str) -> list[str]:
+        """Shard k of ``split`` for ``data.format: wds``: its URL; a store without them or a missing local file is
+        one line naming it and the fix."""
+        from .store.index import StoreError, shard_name
+
+        listed = {s["path"] for s in index.manifest["shards"].get("wds", []) if s["split"] == split}
+        if not listed and (index.columns["split"] == ["train", "val", "test"].index(split)).any():
+            written = ", ".join(index.manifest["shards"]) or "none"
+            raise StoreError(f"data.format: wds but {index.root} has no WebDataset shards of split '{split}' (prep "
+                             f"wrote formats: {written}); add wds to the prep spec's formats and re-run `lampretrain "
+                             f"prep --overwrite`, or set data.format: lmdb")
+        paths = [shard_name(split, k, "wds") for k in range(len(listed))]
+        absent = [p for p in paths if p not in listed]
+        if absent:
+            raise StoreError(f"{index.root}/manifest.json lists no WebDataset shard {absent[0]}; re-run `lampretrain "
+                             "prep --overwrite`")
+        urls = [self.wds.shard_url(str(index.root), p) for p in paths]
+        if self.wds.url is None:
+            missing = [u for u in urls if not Path(u).is_file()]
+            if missing:
+                raise StoreError(f"{missing[0]}: WebDataset shard missing ({len(missing)} of {len(urls)} shards of "
+                                 f"split '{split}'); restore it or re-run `lampretrain prep --overwrite`")
+        return urls
 
 
 @dataclass

@@ -4,8 +4,15 @@
   :class:`~lampretrain.sampling.BalancedBatchSampler` as ``batch_sampler``.
   LMDB files are opened read-only without locks, lazily in each process
   (reopened after a DataLoader fork) by :mod:`lampretrain.store.lmdb_shards`.
-- :class:`WdsFrameDataset`: iterable over WebDataset tar shards, split
-  shard-per-rank then shard-per-worker, with a shuffle buffer.
+- :class:`WdsBatchSampler`: the ``batch_sampler`` of a streamed epoch (``data.format: wds``): reads each
+  window of this rank's :class:`~lampretrain.sampling.stream.StreamBatchSampler` plan from the tar shards
+  (:class:`~lampretrain.store.wds_shards.ShardStream`) in the trainer's process and hands the loader its
+  micro-batches as lists of frames; with :class:`StreamedFrames` as the dataset the loader workers only build
+  graphs. Reading and decoding stay in one process, so a bad shard is one error line, every record is read
+  once per epoch and the batches come in the plan's order whatever the number of workers.
+  :class:`WdsValBatches` is the same for validation batches.
+- :class:`WdsFrameDataset`: iterable over WebDataset tar shards through the webdataset pipeline, split
+  shard-per-rank then shard-per-worker, with a shuffle buffer (the loader benchmark's baseline).
 - :class:`GraphCollate`: the ``collate_fn``; builds graphs in the worker, or
   leaves them to :func:`lampretrain.graph.device.attach_graph` on the GPU
   (``on_device=True``) when the loader CPUs are the bottleneck.
@@ -22,7 +29,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..frames import Frame
 from ..store.lmdb_shards import LmdbShardReader
-from ..store.wds_shards import iter_wds_frames
+from ..store.wds_shards import ShardStream, iter_wds_frames
 from .batch import GraphBatch, PackedGraphBatch, collate, pack
 
 
@@ -53,6 +60,81 @@ class LmdbFrameDataset(Dataset):
 
     def __getitem__(self, i: int) -> Frame:
         return self.readers[self.shard[i]][int(self.key[i])]
+
+
+class StreamedFrames(Dataset):
+    """The dataset of a streamed loader: its batch sampler hands over the frames themselves; item ``frame`` is
+    ``frame``."""
+
+    def __getitem__(self, frame: Frame) -> Frame:
+        return frame
+
+
+class WdsBatchSampler:
+    """``batch_sampler`` of a streamed epoch: this rank's micro-batches of a
+    :class:`~lampretrain.sampling.stream.StreamBatchSampler` plan as lists of frames, read window by window.
+
+    ``shard``/``row``: per sampler frame, its shard number and store row. The position and epoch are the
+    sampler's (``state_dict``/``load_state_dict`` are its): starting at step s reads window s // W from its
+    first frame and skips the s mod W batches before s.
+    """
+
+    def __init__(self, sampler, stream: ShardStream, shard: np.ndarray, row: np.ndarray):
+        self.sampler, self.stream = sampler, stream
+        self.shard, self.row = np.asarray(shard, dtype=np.int64), np.asarray(row, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[Frame]]:
+        s = self.sampler
+        plan, epoch = s.plan(), s.epoch
+        try:
+            while s.position < plan.steps:
+                window = s.position // plan.window_steps
+                stream = plan.stream(window, s.rank)
+                frames = dict(zip(stream.tolist(), self.stream.frames(self.shard[stream], self.row[stream])))
+                for step in range(s.position, (window + 1) * plan.window_steps):
+                    batch = plan.batch(step, s.rank).tolist()
+                    s.position = step + 1
+                    yield [frames[f] for f in batch]
+                del frames
+        finally:
+            self.stream.close()
+        s.set_epoch(epoch + 1)
+
+    def state_dict(self, position: int | None = None) -> dict:
+        return self.sampler.state_dict(position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def plan(self, epoch: int | None = None, ranks: range | None = None):
+        return self.sampler.plan(epoch, ranks)
+
+    def mix(self, *args, **kwargs):
+        return self.sampler.mix(*args, **kwargs)
+
+
+class WdsValBatches:
+    """``batch_sampler`` of validation batches from tar shards: ``batches`` of store rows (in store order, as
+    :func:`~lampretrain.train.data.build_val_loader` cuts them) as lists of frames, read front to back."""
+
+    def __init__(self, batches: list[np.ndarray], stream: ShardStream, shard_of_row):
+        self.batches, self.stream, self.shard_of_row = batches, stream, shard_of_row
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[Frame]]:
+        try:
+            for rows in self.batches:
+                yield self.stream.frames(self.shard_of_row[rows], rows)
+        finally:
+            self.stream.close()
 
 
 class WdsFrameDataset(IterableDataset):

@@ -29,14 +29,10 @@ def _records(pieces: tuple[tuple[str, int, int], ...]) -> Iterator[bytes]:
             fh.close()
 
 
-def wds_key(row: int) -> str:
-    return f"{row:09d}"
-
-
 def write_shard(job: ShardJob) -> str:
     """Write the shard unless a finished one is already there (resume); returns its sha256."""
     from ..store.lmdb_shards import LmdbShardWriter
-    from ..store.wds_shards import WdsShardWriter
+    from ..store.wds_shards import WdsShardWriter, row_key
 
     path = Path(job.path)
     if not path.exists():
@@ -47,5 +43,5 @@ def write_shard(job: ShardJob) -> str:
         else:
             with WdsShardWriter(path) as writer:
                 for k, data in enumerate(_records(job.pieces)):
-                    writer.write_bytes(wds_key(job.first_row + k), data)
+                    writer.write_bytes(row_key(job.first_row + k), data)
     return file_sha256(path)

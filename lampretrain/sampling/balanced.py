@@ -277,10 +277,26 @@ class EpochPlan:
     ranks: range
     padded: int  # repeats of the epoch's cheapest structure in batches that would be empty, over ``ranks``
     oversize: np.ndarray  # frames of ``ranks`` that got a micro-batch of their own
+    window_steps: int = 0  # steps per window (a window's batches hold only its frames); the whole epoch when 1 window
+    # per (rank, window), rank-major, the window's frames in epoch-position order (the order a stream reads them);
+    # kept by samplers whose frames are streamed (StreamBatchSampler), else None
+    streams: list[np.ndarray] | None = None
 
     @property
     def steps(self) -> int:
         return int(self.loads.shape[0])
+
+    @property
+    def windows(self) -> int:
+        return self.steps // self.window_steps if self.window_steps else 1
+
+    def stream(self, window: int, rank: int) -> np.ndarray:
+        """Frames of ``rank``'s ``window`` in the order a stream reads them (a plan that kept its streams)."""
+        if self.streams is None:
+            raise ValueError("this plan did not keep its streams (plan of a StreamBatchSampler)")
+        if rank not in self.ranks:
+            raise ValueError(f"rank {rank} is not in this plan (ranks {self.ranks.start}..{self.ranks.stop - 1})")
+        return self.streams[(rank - self.ranks.start) * self.windows + window]
 
     def batch(self, step: int, rank: int) -> np.ndarray:
         if rank not in self.ranks:
@@ -351,6 +367,7 @@ class BalancedBatchSampler:
         self.epoch, self.position = 0, 0
         self._plan: tuple[int, EpochPlan] | None = None
         self._dataset_cost: np.ndarray | None = None
+        self.keep_streams = False  # plans keep each window's frames in stream order (EpochPlan.streams)
 
     def _runs(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per dataset, where its frames lie: (first frame of each contiguous run, dataset-local index it starts at)."""
@@ -391,13 +408,16 @@ class BalancedBatchSampler:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's frame indices in position order, before packing (materialised: for inspection and tests)."""
-        order = _EpochOrder(self, epoch)
+        order = self._order(epoch)
         return np.concatenate([order.frames(a, min(order.size, a + CHUNK)) for a in range(0, order.size, CHUNK)]
                               or [np.zeros(0, dtype=np.int64)])
 
-    def _scan(self, order: _EpochOrder, ranks: range) -> _Scan:
-        """One pass over the epoch in position order: share of every position, the per-share bound, kept shares."""
-        R = self.world_size
+    def _scan(self, order: _EpochOrder, ranks: range, shares: int | None = None) -> _Scan:
+        """One pass over the epoch in position order: share of every position, the per-share bound, kept shares.
+
+        ``shares``: how many cost-equal shares the epoch is cut into (default: one per rank; a windowed
+        plan cuts one per (rank, window)); ``ranks`` are the shares to keep."""
+        R = self.world_size if shares is None else shares
         total = order.total_cost()
         if 2 * total >= 1 << 53:
             raise ValueError(f"an epoch of {total / UNIT:.3g} budgets of cost is more than this sampler plans (2^28)")
@@ -501,8 +521,18 @@ class BalancedBatchSampler:
         o = np.argsort(steps, kind="stable")
         return items[o], steps[o]
 
+    def _order(self, epoch: int) -> _EpochOrder:
+        """The frame at each position of ``epoch`` (a streaming sampler orders positions by shard)."""
+        return _EpochOrder(self, epoch)
+
+    def _windows(self, order: _EpochOrder) -> int:
+        """Windows per rank share: 1, the share is packed as a whole (a streaming sampler cuts it to its buffer)."""
+        return 1
+
     def _build(self, epoch: int, ranks: range) -> EpochPlan:
-        scan = self._scan(_EpochOrder(self, epoch), ranks)
+        order = self._order(epoch)
+        K = self._windows(order)  # every rank's share is cut into K cost-equal windows: share (r, j) = r·K + j
+        scan = self._scan(order, range(ranks.start * K, ranks.stop * K), self.world_size * K)
         if scan.oversize and self.oversize == "raise":
             c = float(self.cost[scan.oversize_lowest])
             raise ValueError(
@@ -518,21 +548,30 @@ class BalancedBatchSampler:
                 OversizeWarning,
                 stacklevel=4,
             )
-        S, n = scan.steps, len(ranks)
-        # one permutation of the steps shared by every rank: step s pairs the ranks' π(s)-th costliest batches
-        step_perm = np.random.default_rng([self.seed, epoch, 1 << 40]).permutation(S) if self.shuffle else np.arange(S)
+        W, n = scan.steps, len(ranks)  # W steps per window, the same for every window and rank
+        S = K * W
+        # per window, one permutation of its steps shared by every rank: a step pairs the ranks' π(s)-th costliest
+        # batches of that window (a window's steps are consecutive: a stream holds one window's frames at a time)
+        perms = [np.random.default_rng([self.seed, epoch, 1 << 40, *([j] if j else [])]).permutation(W)
+                 if self.shuffle else np.arange(W) for j in range(K)]
         items, keys, loads, padded, alone = [], [], np.zeros((S, n)), 0, []
+        streams = [] if self.keep_streams else None
         for col, r in enumerate(ranks):
-            frames, steps = self._rank_batches(scan, r, step_perm)
-            items.append(frames)
-            keys.append(steps * n + col)
-            loads[:, col] = np.bincount(steps, weights=self.cost[frames], minlength=S)
-            share = scan.shares.get(r)
-            real = 0 if share is None else share[0].size
-            padded += frames.size - real
-            if share is not None:
-                alone.append(share[0][share[2]])
-        if n == 1:
+            for j in range(K):
+                frames, steps = self._rank_batches(scan, r * K + j, perms[j])
+                steps += j * W
+                items.append(frames)
+                keys.append(steps * n + col)
+                loads[:, col] += np.bincount(steps, weights=self.cost[frames], minlength=S)
+                share = scan.shares.get(r * K + j)
+                real = 0 if share is None else share[0].size
+                padded += frames.size - real
+                if share is not None:
+                    alone.append(share[0][share[2]])
+                if streams is not None:  # the window's frames in position order, then the padding frame if any
+                    mine = share[0] if share is not None else np.zeros(0, dtype=np.int64)
+                    streams.append(np.append(mine, [scan.cheapest]) if frames.size > real else mine)
+        if n == 1 and K == 1:
             flat, key = items[0], keys[0]  # already in step order
         else:
             key = np.concatenate(keys)
@@ -540,7 +579,7 @@ class BalancedBatchSampler:
             flat, key = np.concatenate(items)[o], key[o]
         offsets = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=S * n))]).astype(np.int64)
         oversize = np.concatenate(alone) if alone else np.zeros(0, dtype=np.int64)
-        return EpochPlan(flat, offsets, loads, self.world_size, ranks, padded, oversize)
+        return EpochPlan(flat, offsets, loads, self.world_size, ranks, padded, oversize, W, streams)
 
     def plan(self, epoch: int | None = None, ranks: range | None = None) -> EpochPlan:
         """This rank's plan of ``epoch`` (cached), or that of ``ranks`` (simulations and checks: not cached)."""
@@ -554,7 +593,7 @@ class BalancedBatchSampler:
 
     def mix(self, epoch: int | None = None, natoms: np.ndarray | None = None, names: Sequence[str] | None = None):
         """The effective per-dataset share of frames (and atoms) this epoch, next to the target weights."""
-        order = _EpochOrder(self, self.epoch if epoch is None else int(epoch))
+        order = self._order(self.epoch if epoch is None else int(epoch))
         k = self.sizes.size
         frames, atoms = np.zeros(k), np.zeros(k)
         for a in range(0, order.size, CHUNK):

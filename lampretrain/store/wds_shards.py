@@ -11,12 +11,13 @@ empty user/group names, mode 0o644, members in write order), so the same records
 give the same bytes. Writes are atomic (``<path>.tmp-<pid>`` renamed on a clean
 close).
 
-Reading for training goes through the real ``webdataset`` pipeline
-(:func:`iter_wds_frames`) with our own decoder only: webdataset's automatic
-decoders (which include pickle) are never installed. ``webdataset`` imports torch
-when imported, so it is imported inside :func:`iter_wds_frames` only: the prep
-side writes shards without torch. :class:`WdsShardReader` reads one shard with
-plain :mod:`tarfile` for verification.
+Training reads shards with :class:`ShardStream`: the records a plan asks for, in its order, each shard front to
+back; local paths are opened as seekable files (records before the first one asked for are skipped by seeking
+over them), any other URL through webdataset's ``gopen`` (``pipe:``, ``http(s)``, ``gs``, ``file:``, ...: read as
+a stream, skipped records are read and dropped). :func:`iter_wds_frames` is the plain webdataset pipeline (our own
+decoder only: webdataset's automatic decoders, which include pickle, are never installed), used by the loader
+benchmark. ``webdataset`` imports torch when imported, so it is imported inside functions only: the prep side
+writes shards without torch. :class:`WdsShardReader` reads one shard with plain :mod:`tarfile` for verification.
 """
 
 from __future__ import annotations
@@ -28,14 +29,24 @@ import re
 import tarfile
 from pathlib import Path
 from typing import Iterator, Sequence
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import numpy as np
+
+from ..errors import UserError
 from ..frames import Frame
-from .codec import decode_frame, encode_frame
+from .codec import CodecError, decode_frame, encode_frame
 from .lmdb_shards import temp_path
 
 SUFFIX = "frame.msgpack"
 # Leading "_" is refused: webdataset skips members named like "__meta__".
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$")
+
+
+def row_key(row: int) -> str:
+    """The member key of store row ``row`` in the store's tar shards (prep names every record by its row)."""
+    return f"{row:09d}"
 
 
 class WdsShardWriter:
@@ -186,3 +197,126 @@ def _sample_frame(sample: dict) -> Frame:
         raise ValueError(f"{where}: sample has no .{SUFFIX} member (members: {extra})")
     return decode_frame(sample[SUFFIX], where)
 
+
+
+class ShardError(UserError, OSError):
+    """A tar shard that cannot be opened or read, or does not hold what the store index says; names the shard."""
+
+
+def _local_path(url: str) -> str | None:
+    parsed = urlparse(url)
+    if parsed.scheme == "":
+        return url
+    if parsed.scheme == "file":
+        return url2pathname(parsed.path)
+    return None
+
+
+class _TarCursor:
+    """One shard open for reading front to back; :meth:`take` returns the record of a store row at or after the
+    last one taken."""
+
+    def __init__(self, url: str, fix: str):
+        self.url, self.fix = url, fix
+        self.last = -1  # the last row taken
+        path = _local_path(url)
+        try:
+            if path is not None:
+                self._raw = open(path, "rb")
+                self.tar = tarfile.open(fileobj=self._raw, mode="r:")  # seekable: skipping a record is a seek
+            else:
+                from webdataset.gopen import gopen
+
+                self._raw = gopen(url, "rb")
+                self.tar = tarfile.open(fileobj=self._raw, mode="r|")
+        except FileNotFoundError:
+            raise ShardError(f"{url}: WebDataset shard not found; {fix}") from None
+        except (OSError, tarfile.TarError, ValueError) as err:
+            self.close(quiet=True)
+            raise ShardError(f"{url}: cannot read this WebDataset shard ({_why(err)}); {fix}") from None
+
+    def take(self, row: int) -> bytes:
+        want = row_key(row)
+        while True:
+            try:
+                member = self.tar.next()
+                self.tar.members.clear()  # tarfile keeps every header it reads: a shard of 10^5 records otherwise
+                if member is None:
+                    raise ShardError(f"{self.url}: record {want} is not in this shard (it ends after record "
+                                     f"{row_key(self.last) if self.last >= 0 else 'none'}): shard and store index "
+                                     f"differ; {self.fix}")
+                key, _, suffix = member.name.partition(".")
+                if not member.isreg() or suffix != SUFFIX or not key.isdigit():
+                    raise ShardError(f"{self.url}: unexpected member {member.name!r} (expected <row>.{SUFFIX}); "
+                                     f"{self.fix}")
+                if int(key) > row:
+                    raise ShardError(f"{self.url}: record {want} is not in this shard (found {key} where it should "
+                                     f"be): shard and store index differ; {self.fix}")
+                if int(key) == row:
+                    data = self.tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    self.last = row
+                    return data
+            except ShardError:
+                raise
+            except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+                raise ShardError(f"{self.url}: corrupt or truncated WebDataset shard near record {want} "
+                                 f"({_why(err)}); {self.fix}") from None
+
+    def close(self, quiet: bool = False) -> None:
+        raw = getattr(self, "_raw", None)
+        if raw is None:
+            return
+        self._raw = None
+        try:
+            raw.close()  # a gopen pipe checks its command's exit status here
+        except OSError as err:
+            if not quiet:
+                raise ShardError(f"{self.url}: reading this WebDataset shard failed ({_why(err)}); {self.fix}") from None
+
+
+def _why(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+class ShardStream:
+    """Records of a split's tar shards, read in the order asked: consecutive requests for later rows of the same
+    shard continue its open stream; anything else opens the shard (again) and skips to the row.
+
+    ``urls[k]`` is shard k of the split; ``fix`` is what the error lines tell the user to do.
+    """
+
+    def __init__(self, urls: Sequence[str], fix: str = "re-run `lampretrain prep --overwrite` to rewrite the store"):
+        self.urls, self.fix = [os.fspath(u) for u in urls], fix
+        self._cursor: tuple[int, _TarCursor] | None = None
+
+    def records(self, shards: np.ndarray, rows: np.ndarray) -> list[bytes]:
+        """The record bytes of store rows ``rows`` (in shards ``shards``), in that order."""
+        out = []
+        for shard, row in zip(np.asarray(shards).tolist(), np.asarray(rows).tolist()):
+            if self._cursor is None or self._cursor[0] != shard or self._cursor[1].last >= row:
+                self.close()
+                if not 0 <= shard < len(self.urls):
+                    raise ShardError(f"store row {row} is in shard {shard} but the split has {len(self.urls)} "
+                                     f"WebDataset shards; {self.fix}")
+                self._cursor = (shard, _TarCursor(self.urls[shard], self.fix))
+            out.append(self._cursor[1].take(row))
+        return out
+
+    def frames(self, shards: np.ndarray, rows: np.ndarray) -> list[Frame]:
+        """The decoded frames of store rows ``rows``, in that order (a bad record is a :class:`ShardError`)."""
+        out = []
+        for shard, row, data in zip(np.asarray(shards).tolist(), np.asarray(rows).tolist(),
+                                    self.records(shards, rows)):
+            where = f"{self.urls[shard]}#{row_key(row)}"
+            try:
+                out.append(decode_frame(data, where))
+            except CodecError as err:
+                raise ShardError(f"{err} (a corrupt record); {self.fix}") from None
+        return out
+
+    def close(self) -> None:
+        if self._cursor is not None:
+            cursor, self._cursor = self._cursor[1], None
+            cursor.close()

@@ -1,6 +1,12 @@
 """The data of one rank: the training stream (store rows → cost-balanced sampler → DataLoader of graph
 batches) and the validation batches (this rank's share of the val split, every frame once).
 
+``data.format`` picks how frames are read: ``lmdb`` (default) reads any frame at random from the LMDB shards
+(:class:`~lampretrain.sampling.BalancedBatchSampler` over a random order of all frames); ``wds`` streams each
+rank's tar shards front to back (:class:`~lampretrain.sampling.StreamBatchSampler`: the same balancing over an
+order of shard segments, one window of ``data.wds.shuffle_buffer`` frames held at a time). Both plan from the
+store index alone, so every rank has the same number of steps; both resume from (epoch, position).
+
 The store holds positions, not graphs: graphs are built in the loader, at the model's
 cutoffs (:meth:`TrainData.use_cutoffs`, ``build_val_loader(cutoffs=...)``); the store's cutoffs
 only serve its per-frame edge/angle counts, which feed the sampler's cost model. Both select
@@ -24,10 +30,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..graph.batch import GraphBatch
-from ..graph.datasets import GraphCollate, LmdbFrameDataset
+from ..graph.datasets import GraphCollate, LmdbFrameDataset, StreamedFrames, WdsBatchSampler, WdsValBatches
 from ..recipe import DataSection
-from ..sampling import BalancedBatchSampler, CostModel, dataset_weights, weights_from_mapping
+from ..sampling import BalancedBatchSampler, CostModel, StreamBatchSampler, dataset_weights, weights_from_mapping
 from ..store.index import StoreIndex
+from ..store.wds_shards import ShardStream
 
 # Slurm (time limit, scancel, preemption) and Kubernetes signal every process of a job, and torchrun signals
 # each rank's whole process group: loader workers get the preemption signal too. Left to torch, a worker dies
@@ -99,7 +106,7 @@ class WorkerLoader(DataLoader):
 class TrainData:
     index: StoreIndex
     datasets: list[str]  # names in head order (dataset id k of a batch is datasets[k])
-    sampler: BalancedBatchSampler
+    sampler: BalancedBatchSampler | WdsBatchSampler
     loader: DataLoader
     collate: GraphCollate
 
@@ -143,16 +150,21 @@ def build_train_data(cfg: DataSection, rank: int, world_size: int, seed: int) ->
         weights = None
     else:
         weights = dataset_weights(sizes, s.strategy, s.temperature)
-    sampler = BalancedBatchSampler(
-        cost, cfg.budget, rank, world_size, dataset=sel.heads, weights=weights, epoch_size=s.epoch_size, seed=seed
-    )
+    options = dict(dataset=sel.heads, weights=weights, epoch_size=s.epoch_size, seed=seed)
     collate = GraphCollate(index.cutoff, index.three_body_cutoff, {n: k for k, n in enumerate(names)},
                            on_device=cfg.graphs_on == "device", packed=True)
+    if cfg.format == "wds":
+        shard = np.asarray(index.shard[rows])
+        sampler = StreamBatchSampler(cost, cfg.budget, rank, world_size, shard=shard, buffer=cfg.wds.shuffle_buffer,
+                                     segment=cfg.wds.segment, **options)
+        batches = WdsBatchSampler(sampler, ShardStream(cfg.wds_shard_urls(index, sel.split)), shard, rows)
+        return stream_data(index, names, StreamedFrames(), batches, collate, cfg.workers, seed)
+    sampler = BalancedBatchSampler(cost, cfg.budget, rank, world_size, **options)
     return stream_data(index, names, LmdbFrameDataset.from_rows(index, sel.split, rows), sampler, collate,
                        cfg.workers, seed)
 
 
-def stream_data(index: StoreIndex, names: list[str], items: Dataset, sampler: BalancedBatchSampler,
+def stream_data(index: StoreIndex, names: list[str], items: Dataset, sampler: BalancedBatchSampler | WdsBatchSampler,
                 collate: GraphCollate, workers: int, seed: int) -> TrainData:
     """The training stream over ``items`` (store frames, or frames with more: property targets) in ``sampler``'s
     batches, collated in ``workers`` loader processes."""
@@ -175,7 +187,8 @@ def build_val_loader(
 
     ``cutoffs``: (pair, three-body) in Å the graphs are built at (the model's).
 
-    Rank r takes every world_size-th frame from r, in index order, packed
+    Rank r takes every world_size-th frame from r (``data.format: wds``: the r-th of world_size contiguous
+    blocks, so it reads only its part of the val shards), in index order, packed
     greedily into micro-batches of at most ``cfg.budget`` cost (a costlier
     frame goes alone), so across ranks every val frame is evaluated exactly
     once. Ranks may get different numbers of batches: evaluation has no
@@ -185,7 +198,7 @@ def build_val_loader(
     sel = index.select("val", names, cfg.max_natoms, required=False)
     if not len(sel):
         return None
-    mine = sel.rows[rank::world_size]
+    mine = np.array_split(sel.rows, world_size)[rank] if cfg.format == "wds" else sel.rows[rank::world_size]
     cost = CostModel(cfg.cost.atoms, cfg.cost.edges, cfg.cost.angles)(index.natoms[mine], index.n_edges[mine], index.n_angles[mine])
     batches: list[list[int]] = []
     load = float("inf")
@@ -196,8 +209,13 @@ def build_val_loader(
         batches[-1].append(i)
         load += c
     collate = GraphCollate(*cutoffs, {n: k for k, n in enumerate(names)})
+    if cfg.format == "wds":
+        stream = ShardStream(cfg.wds_shard_urls(index, "val"))
+        items, batches = StreamedFrames(), WdsValBatches([mine[b] for b in batches], stream, index.shard)
+    else:
+        items = LmdbFrameDataset.from_rows(index, "val", mine)
     return WorkerLoader(
-        LmdbFrameDataset.from_rows(index, "val", mine), batch_sampler=batches, collate_fn=collate,
+        items, batch_sampler=batches, collate_fn=collate,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(0),  # iter(loader) draws a seed: validation leaves the global RNG alone
     )

@@ -318,6 +318,10 @@ def _run(recipe: Recipe, ctx: Context, resume: str | None, max_steps: int | None
         if meta["world_size"] != ctx.world_size:
             raise ckpt.CheckpointError(f"{source}: saved at world size {meta['world_size']}, resuming at "
                                        f"{ctx.world_size}; resume with {meta['world_size']} ranks")
+        saved_format = meta.get("sampler", {}).get("format", "lmdb")
+        if saved_format != recipe.data.format:  # the two formats order an epoch differently
+            raise ckpt.CheckpointError(f"{source}: saved with data.format {saved_format}, this recipe has "
+                                       f"{recipe.data.format}; resume with data.format: {saved_format}")
         ckpt.load(source, tensors, sparse="optim" if "optim" in tensors else None)
         engine.load_state_tensors(tensors, meta["engine"])
         if ema is not None:

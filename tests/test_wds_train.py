@@ -141,6 +141,22 @@ def test_stream_reads_the_planned_frames_from_prep_shards_and_resumes(store, tmp
     assert [[_key(f) for f in b] for b in batches] == epochs[0][position:]
 
 
+@pytest.mark.parametrize("url", ["pipe:cat {store}/{{path}}", "file:{store}/{{path}}"], ids=["pipe", "file"])
+def test_shards_behind_a_url_give_the_same_batches(store, tmp_path, url):
+    """data.wds.url: the same batches through webdataset's gopen (pipe:) and a file: URL as from the store
+    directory, from the start and resumed inside a later window."""
+    from lampretrain.train.data import build_train_data
+
+    def batches(position: int, **wds) -> list:
+        data = build_train_data(parse_recipe(recipe(tmp_path, store, wds={"shuffle_buffer": 12, **wds})).data, 0, 2, 0)
+        data.sampler.load_state_dict({"epoch": 0, "position": position})
+        return [[_key(f) for f in b] for b in data.sampler]
+
+    local = batches(0)
+    assert batches(0, url=url.format(store=store)) == local
+    assert batches(9, url=url.format(store=store)) == local[9:]
+
+
 def test_mistakes_are_one_line_naming_the_shard(store, tmp_path):
     from lampretrain.train.data import build_train_data
 

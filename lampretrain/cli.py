@@ -7,7 +7,8 @@
     lampretrain sweep SWEEP.yaml          many fine-tuning trials on Ray Tune (ASHA), MLflow child runs, best exported
     lampretrain change-bias CKPT STORE    refit each head's element references on a store, save the model
     lampretrain evaluate CKPT DATA        per-dataset MAE/RMSE vs the mean baseline, parity plots
-    lampretrain export CKPT               torch.export of energy/forces/stress for one dataset head
+    lampretrain export CKPT               torch.export of energy/forces/stress for one dataset head (or --format matris)
+    lampretrain import FORMAT SRC         a published MatRIS / deepmd-kit checkpoint → a lampretrain one
     lampretrain inspect STORE             what a store holds (index, statistics, prep report)
     lampretrain launch RECIPE.yaml        render/submit a multi-node job (Slurm, Ray on Slurm, Kubernetes, local)
     lampretrain bench KIND ...            benchmarks printing JSON lines
@@ -261,6 +262,7 @@ COMMANDS = {
     "change-bias": "lampretrain.finetune.cli:run",
     "evaluate": "lampretrain.inference.cli:run",
     "export": "lampretrain.inference.cli:run",
+    "import": "lampretrain.inference.cli:run",
 }
 
 

@@ -10,6 +10,7 @@ foreign file is one :class:`ModelFileError` line naming the file.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -24,13 +25,17 @@ class ModelFileError(UserError, ValueError):
 def read_model_file(path: str | os.PathLike, keys: tuple[str, ...], map_location: Any = "cpu") -> dict[str, Any]:
     """The mapping ``torch.save`` wrote to ``path``, which must hold ``keys``."""
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns of the refused global before raising; the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such model file") from None
     except Exception as err:  # noqa: BLE001 - whatever torch raised for a hostile or damaged file
         reason = one_line(str(err)).split(" Check the documentation")[0]  # drop torch's paragraph of advice
         raise ModelFileError(f"{path}: refused, not a plain tensor file ({reason[:300]})") from None
-    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: not a model file (holds a {type(data).__name__}, not a dict)")
+    missing = [k for k in keys if k not in data]
     if missing:
         raise ModelFileError(f"{path}: not a lampretrain model file (no '{missing[0]}')")
     return data

@@ -291,6 +291,7 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
     if args.model.startswith("matris"):
         from lampretrain.bench.peer_matris import (
             build_official,
+            differs,
             make_official_step,
             unsupported,
         )
@@ -301,7 +302,10 @@ def peer_steps(args, model, frames: list[Frame], dtype) -> tuple[dict, dict | No
             reason = "--per-structure: the official MatRIS step here takes all structures as one batch"
         if reason is not None:
             return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
-        official = build_official(model.backbone.config, args.device, dtype)
+        official = build_official(model, args.device, dtype)
+        reason = differs(model, official, frames, args.device, dtype)
+        if reason is not None:
+            return {}, skipped("model", peers.PEERS["matris"].name, reason, model=args.model, mode=args.mode)
         return {peers.PEERS["matris"].name: (official, make_official_step(official, frames, args.mode, args.device))}, None
     return {}, None
 
@@ -333,7 +337,11 @@ def run(argv: list[str] | None = None) -> dict:
         raise SystemExit("--max-fit needs --device cuda (a CPU out-of-memory kills the process instead of raising)")
     autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     dtype = torch.float32 if autocast else DTYPES[args.dtype]
-    model = build(args.model, **overrides(args.set)).to(device=args.device, dtype=dtype)
+    options = overrides(args.set)
+    if args.model.startswith("matris") and args.peers != "none":
+        # the official code computes the published function; the smooth one costs the same (one product per edge)
+        options.setdefault("smooth", False)
+    model = build(args.model, **options).to(device=args.device, dtype=dtype)
     cutoff, three_body_cutoff = graph_cutoffs(model)
     threshold = malloc.resolve(args.malloc_mmap_threshold, three_body_cutoff)
     threshold = threshold if malloc.set_mmap_threshold(threshold) else None
@@ -356,7 +364,7 @@ def run(argv: list[str] | None = None) -> dict:
     atoms = int(batch.n_atoms.sum())
     case = {"model": args.model, "n_structures": len(frames), "atoms": atoms, "edges": batch.num_edges,
             "angles": batch.num_angles, "mode": args.mode, "device": args.device, "dtype": args.dtype,
-            "compile": args.compile, "per_structure": args.per_structure, "threads": torch.get_num_threads(), "malloc_mmap_threshold_mb": threshold}
+            "compile": args.compile, "per_structure": args.per_structure, "options": options, "threads": torch.get_num_threads(), "malloc_mmap_threshold_mb": threshold}
     results = []
     for name, m in measured.items():
         impl_params = params if name == "lampretrain" else sum(p.numel() for p in peer_models[name][0].parameters())

@@ -1,8 +1,9 @@
 """The official MatRIS code (PyPI ``matris`` 0.1.0) as a peer of ``lampretrain bench model``.
 
 The official model is built with the hyper-parameters of ours (spec §5: the released 10M uses
-``three_body_expansion="fourier"``, ``norm_type="layer"``, GateMLP interactions, learnable bases),
-random weights, and run on the same frames: its own graph converter (pymatgen neighbor list, line
+``three_body_expansion="fourier"``, ``norm_type="layer"``, GateMLP interactions, learnable bases) and
+our weights copied into it (``models/matris/official.py``), checked to give the same energies and forces
+before anything is timed, and run on the same frames: its own graph converter (pymatgen neighbor list, line
 graph at the three-body cutoff) builds the graphs once, outside the timed step, as our collate does.
 Forces and stress are conservative (autograd inside its forward), as ours.
 """
@@ -44,12 +45,40 @@ def official_kwargs(config) -> dict:
     }
 
 
-def build_official(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def build_official(model, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The official MatRIS with the hyper-parameters and the weights of our one-dataset ``model`` (published,
+    ``smooth=False``: the function the official code computes), through the official-format weight map."""
     from matris.model import MatRIS
 
+    from ..models.matris.official import REFERENCE, to_official
+
     with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count; stdout carries JSON lines
-        model = MatRIS(**official_kwargs(config))
-    return model.to(device=device, dtype=dtype)
+        official = MatRIS(**official_kwargs(model.backbone.config)).to(device=device, dtype=dtype)
+    state = to_official(model, 0)  # loaded after the cast: a float32 model would round float64 weights
+    del state[REFERENCE]  # built without references (ours are zero): its energy is the heads' sum, as ours
+    missing, unexpected = official.load_state_dict(state, strict=False)
+    # a model without a magmom head leaves the official one's own weights (they do not enter E, F, σ)
+    assert not unexpected and all(k.startswith("magmom_head.") for k in missing), (missing, unexpected)
+    return official
+
+
+def differs(model, official: torch.nn.Module, frames: list[Frame], device: str, dtype: torch.dtype) -> str | None:
+    """Why ``official`` does not compute what ``model`` does on ``frames`` (energies and forces beyond float32
+    rounding), or None when they agree: a timing of two different functions would mean nothing."""
+    from ..graph.batch import collate
+    from ..models import graph_cutoffs
+
+    cutoff, three_body_cutoff = graph_cutoffs(model)
+    batch = collate(frames, cutoff=cutoff, three_body_cutoff=three_body_cutoff, dtype=dtype).to(device)
+    ours = model(batch, compute_stress=False)
+    with contextlib.redirect_stdout(sys.stderr):
+        theirs = official(official_graphs(official, frames, device), task="ef")
+    de = (ours["energy"].detach() - theirs["e"].detach()).abs() / batch.n_atoms
+    df = (ours["forces"].detach() - torch.cat(theirs["f"]).detach()).abs().max()
+    tol_e, tol_f = (1e-5, 1e-4) if dtype != torch.float64 else (1e-9, 1e-8)
+    if de.max() > tol_e or df > tol_f:
+        return f"the official model with our weights differs: {de.max().item():.2e} eV/atom, {df.item():.2e} eV/Å"
+    return None
 
 
 def unsupported(frames: list[Frame]) -> str | None:
@@ -111,72 +140,6 @@ def make_official_step(model: torch.nn.Module, frames: list[Frame], mode: str, d
         return loss.item()
 
     return train
-
-
-def _gated_mlp(ours: dict, src: str, dst: str, hidden: int) -> dict:
-    """Our GatedMLP (first layer = core rows over gate rows) as the official ``mlp_core``/``mlp_gate`` pair."""
-    out = {}
-    for k, branch in enumerate(("core", "gate")):
-        rows = slice(k * hidden, (k + 1) * hidden)
-        out[f"{dst}.mlp_{branch}.layers.0.weight"] = ours[f"{src}.first.weight"][rows]
-        out[f"{dst}.mlp_{branch}.layers.0.bias"] = ours[f"{src}.first.bias"][rows]
-        out[f"{dst}.mlp_{branch}.layers.3.weight"] = ours[f"{src}.{branch}_out.weight"]
-        out[f"{dst}.mlp_{branch}.layers.3.bias"] = ours[f"{src}.{branch}_out.bias"]
-        for name in ("weight", "bias"):
-            if f"{src}.{branch}_norm.{name}" in ours:  # RMSNorm has no bias
-                out[f"{dst}.{branch}_norm.{name}"] = ours[f"{src}.{branch}_norm.{name}"]
-    return out
-
-
-def official_state_dict(model) -> dict:
-    """The official MatRIS state dict (energy path: embeddings, blocks, readout norm, energy head) holding the
-    weights of our one-dataset ``MultiTaskModel`` over a MatRIS backbone; magmom head left out (``strict=False``)."""
-    cfg = model.backbone.config
-    ours = {k: v.detach() for k, v in model.backbone.state_dict().items()}
-    out = {
-        "atom_embedding.embedding.weight": ours["atom_embedding.table.weight"],
-        "atom_embedding.atom_swish_layer.linear.weight": ours["atom_embedding.linear.weight"],
-        "edge_embedding.pairwise_rbf_expansion.frequencies": ours["bond_embedding.pair_basis.frequencies"],
-        "edge_embedding.threebody_rbf_expansion.frequencies": ours["bond_embedding.three_body_basis.frequencies"],
-        "edge_embedding.edge_linear1.weight": ours["bond_embedding.linear1.weight"],
-        "edge_embedding.edge_linear2.weight": ours["bond_embedding.linear2.weight"],
-        "edge_embedding.swish_layer.linear.weight": ours["bond_embedding.out.weight"],
-        "three_body_embedding.expansion.frequencies": ours["angle_embedding.frequencies"],
-        "three_body_embedding.angle_embedding.weight": ours["angle_embedding.linear1.weight"],
-        "three_body_embedding.swish_layer.linear.weight": ours["angle_embedding.linear2.weight"],
-    }
-    for name in ("weight", "bias"):
-        for src, dst in (("bond_embedding.norm", "edge_embedding.edge_init_norm"), ("readout_norm", "readout_norm")):
-            if f"{src}.{name}" in ours:
-                out[f"{dst}.{name}"] = ours[f"{src}.{name}"]
-    layers = {
-        "line_attention": ("attn_block_line_graph", cfg.bond_dim),
-        "atom_attention": ("attn_block_atom_graph", cfg.atom_dim),
-        "line_refinement": ("refine_block_line_graph", cfg.bond_dim),
-        "atom_refinement": ("refine_block_atom_graph", cfg.atom_dim),
-    }
-    for b in range(cfg.num_layers):
-        for ours_name, (official_name, hidden) in layers.items():
-            src, dst = f"blocks.{b}.{ours_name}", f"interaction_block.{b}.{official_name}"
-            out.update(_gated_mlp(ours, f"{src}.edge_mlp", f"{dst}.edge_nonlinear_update", hidden))
-            out[f"{dst}.node_res_weight"] = ours[f"{src}.node_scale"][None]
-            out[f"{dst}.edge_res_weight"] = ours[f"{src}.edge_scale"][None]
-            if "attention" in ours_name:
-                out.update(_gated_mlp(ours, f"{src}.node_mlp", f"{dst}.node_nonlinear_update", hidden))
-                w_s, w_t = ours[f"{src}.logits.weight"].chunk(2)
-                out[f"{dst}.source_weight_linear.weight"] = w_s
-                out[f"{dst}.target_weight_linear.weight"] = w_t
-            else:
-                out[f"{dst}.learnable_envelope.weight"] = ours[f"{src}.envelope.weight"]
-                for ffn in ("node", "edge"):
-                    out[f"{dst}.{ffn}_FFN.layers.0.weight"] = ours[f"{src}.{ffn}_ffn.layers.0.weight"]
-                    out[f"{dst}.{ffn}_FFN.layers.3.weight"] = ours[f"{src}.{ffn}_ffn.layers.1.weight"]
-    # the first dataset's energy head: (1, in, out) stacked weights → the official MLP's Linear layers 0, 3, 6, …
-    head = model.energy_heads.mlp
-    for k, (w, bias) in enumerate(zip(head.weights, head.biases)):
-        out[f"energy_head.energy_head.layers.{3 * k}.weight"] = w.detach()[0].t()
-        out[f"energy_head.energy_head.layers.{3 * k}.bias"] = bias.detach()[0]
-    return out
 
 
 def official_energies(official: torch.nn.Module, frames: list[Frame]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``lampretrain evaluate`` and ``lampretrain export``: accuracy tables and plots, and a standalone model file."""
+"""``lampretrain evaluate``, ``export`` and ``import``: accuracy tables and plots, a standalone model file, other codes' checkpoints."""
 
 from __future__ import annotations
 
@@ -62,15 +62,37 @@ def add_parser(subparsers) -> None:
         epilog="examples (after `lampretrain demo`):\n"
         "  lampretrain export outputs/demo/matris model.pt2 --dataset mlearn_pbe\n"
         "  lampretrain export outputs/demo/matris water.pt2 --dataset water "
-        "--structure tests/data/real/fairchem_oxides_asedb/oxides.db",
+        "--structure tests/data/real/fairchem_oxides_asedb/oxides.db\n"
+        "  lampretrain export outputs/finetune-oam/checkpoints MatRIS_ft.pth.tar --format matris --dataset oam",
     )
+
     p.add_argument("checkpoint", help="checkpoint directory, run directory or MultiTaskModel.save file")
-    p.add_argument("output", help="the .pt2 file to write")
-    p.add_argument("--dataset", required=True, help="dataset head to export")
+    p.add_argument("output", help="the file to write")
+    p.add_argument("--format", default="pt2", help="pt2 (default), or a format of `lampretrain import`: matris (the "
+                   "official MatRIS checkpoint MatRISCalculator loads), deepmd (a deepmd-kit checkpoint)")
+    p.add_argument("--dataset", help="dataset head to export (required for pt2 and for a model with several heads)")
     p.add_argument("--structure", help="structure file whose first frame (periodic, ≥ 2 atoms) is traced "
                    "(default: rattled rock-salt NaCl); the program is not limited to its size")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights (default: %(default)s)")
+
+    p = subparsers.add_parser(
+        "import",
+        help="turn a published checkpoint of another code (official MatRIS, deepmd-kit DPA4) into a lampretrain one",
+        description="Read SRC, a checkpoint of FORMAT (matris: the official MatRIS {config, state_dict} files, "
+        "e.g. the release MatRIS_10M_OAM.pth.tar, or a release name such as matris_10m_oam found in "
+        "~/.cache/lampretrain/published or ~/.cache/matris; deepmd: a deepmd-kit 3.x model.ckpt.pt whose descriptor is "
+        "DPA4), without running code from it, and write the checkpoint directory OUT (model.pt, import.json: source "
+        "file, sha256, its settings). Calculator(OUT), evaluate, export and finetune --from take OUT; the model is "
+        "the published function: one head per dataset of the source with its element references.",
+        epilog="examples:\n"
+        "  lampretrain import matris ~/Downloads/MatRIS_10M_OAM.pth.tar --out models/matris-10m-oam\n"
+        "  lampretrain import matris matris_10m_oam --out models/matris-10m-oam\n"
+        "  lampretrain import deepmd model.ckpt.pt --out models/dpa4",
+    )
+    p.add_argument("format", help="matris or deepmd")
+    p.add_argument("source", help="checkpoint file, or a release name (matris_10m_oam, matris_4m_matpes_pbev2, ...)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
 
 
 def read_sources(
@@ -221,6 +243,18 @@ def _tracing_frame(structure: str | None) -> Frame:
     return atoms_to_frame(atoms)
 
 
+def _import(args: argparse.Namespace) -> int:
+    from ..models.foreign import import_checkpoint
+    from .loading import load_model
+
+    out = import_checkpoint(args.format, args.source, args.out)
+    model = load_model(out)
+    heads = ", ".join(model.dataset_names)
+    print(f"wrote {out} ({model.config.backbone}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"heads: {heads}); e.g. lampretrain evaluate {out} STRUCTURES --dataset {model.dataset_names[0]}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     import time
 
@@ -230,6 +264,14 @@ def _export(args: argparse.Namespace) -> int:
     from .loading import load_model
 
     model = load_model(args.checkpoint, args.weights)
+    if args.format != "pt2":
+        from ..models.foreign import get_format
+
+        get_format(args.format).write(model, Path(args.output), args.dataset)
+        print(f"wrote {args.output} ({args.format} format, head '{args.dataset or model.dataset_names[0]}')")
+        return 0
+    if args.dataset is None:
+        raise ConfigError(f"export: --dataset is required for pt2; this model has: {', '.join(model.dataset_names)}")
     model.dataset_index(args.dataset)  # an unknown head fails before the slow trace
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
@@ -241,4 +283,4 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"evaluate": _evaluate, "export": _export}[args.command](args)
+    return {"evaluate": _evaluate, "export": _export, "import": _import}[args.command](args)

@@ -19,6 +19,7 @@ import torch
 
 from ..config import ConfigError
 from ..models import options_saved_before
+from ..models.foreign import MODEL_FILE
 from ..models.multitask import DatasetSpec, HeadsConfig, MultiTaskConfig, MultiTaskModel
 from ..store.index import StoreIndex
 from ..train import checkpoint as ckpt
@@ -27,7 +28,11 @@ WEIGHTS = ("ema", "model")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A model file, checkpoint directory, a run's ``checkpoints`` folder or a run directory → what to load."""
+    """A model file, checkpoint directory, a run's ``checkpoints`` folder, a run directory, or a directory
+    ``lampretrain import`` wrote → what to load."""
+    imported = Path(path) / MODEL_FILE
+    if imported.is_file():
+        return imported
     return ckpt.resolve(path, hashes=False)
 
 

@@ -105,6 +105,9 @@ class MultiTaskConfig:
     datasets: list[DatasetSpec]
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    # where the weights came from when not from lampretrain (models/foreign.py): the format and the source's
+    # own settings its writer needs back (MatRIS is_intensive, ...); fine-tuning keeps it
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.datasets]
@@ -132,6 +135,7 @@ class MultiTaskConfig:
             "datasets": [d.to_dict() for d in self.datasets],
             "heads": heads,
             "backbone_options": dict(self.backbone_options),
+            "origin": dict(self.origin),
         }
 
     @property

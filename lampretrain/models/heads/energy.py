@@ -70,6 +70,15 @@ class ElementReferences(torch.nn.Module):
         else:
             self.register_buffer("table", table)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating tensor: a float32 table would round the references and sum
+        # hundreds of them in float32 (≈1e-6 eV/atom on a 100-atom cell); a device move still applies
+        before = self.table.detach()
+        super()._apply(fn, recurse)
+        if self.table.dtype != torch.float64:
+            self.table.data = before.to(self.table.device)
+        return self
+
     def forward(self, numbers: torch.Tensor, atom_dataset: torch.Tensor) -> torch.Tensor:
         """Per-atom reference energies (N,) float64."""
         return self.table[atom_dataset, numbers]

@@ -24,3 +24,6 @@ def matris_10m(**overrides) -> MatRIS:
 @register("matris-4m", MATRIS_4M.with_overrides, PUBLISHED)
 def matris_4m(**overrides) -> MatRIS:
     return MatRIS(MATRIS_4M.with_overrides(**overrides))
+
+
+from . import official  # noqa: E402,F401 - registers the official checkpoint format (needs the sizes above)

@@ -62,8 +62,7 @@ def add_parser(subparsers) -> None:
         epilog="examples (after `lampretrain demo`):\n"
         "  lampretrain export outputs/demo/matris model.pt2 --dataset mlearn_pbe\n"
         "  lampretrain export outputs/demo/matris water.pt2 --dataset water "
-        "--structure tests/data/real/fairchem_oxides_asedb/oxides.db\n"
-        "  lampretrain export outputs/finetune-oam/checkpoints MatRIS_ft.pth.tar --format matris --dataset oam",
+        "--structure tests/data/real/fairchem_oxides_asedb/oxides.db",
     )
 
     p.add_argument("checkpoint", help="checkpoint directory, run directory or MultiTaskModel.save file")
@@ -84,9 +83,10 @@ def add_parser(subparsers) -> None:
         "~/.cache/lampretrain/published or ~/.cache/matris; deepmd: a deepmd-kit 3.x model.ckpt.pt whose descriptor is "
         "DPA4), without running code from it, and write the checkpoint directory OUT (model.pt, import.json: source "
         "file, sha256, its settings). Calculator(OUT), evaluate, export and finetune --from take OUT; the model is "
-        "the published function: one head per dataset of the source with its element references.",
+        "the published function: one head per dataset of the source with its element references. "
+        "`lampretrain export OUT FILE --format matris` writes it back.",
         epilog="examples:\n"
-        "  lampretrain import matris ~/Downloads/MatRIS_10M_OAM.pth.tar --out models/matris-10m-oam\n"
+        "  lampretrain import matris tests/data/matris_official/matris_1.0.0_small.pth.tar --out outputs/matris-small\n"
         "  lampretrain import matris matris_10m_oam --out models/matris-10m-oam\n"
         "  lampretrain import deepmd model.ckpt.pt --out models/dpa4",
     )

@@ -16,22 +16,29 @@ from .backbone import Backbone, check
 
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
 _CONFIGS: dict[str, Callable[..., object]] = {}
-_SAVED_BEFORE: dict[str, dict] = {}
+_SAVED_BEFORE: dict[str, dict[int, dict]] = {}
+# the saved-config format (multitask.CONFIG_FORMAT) that a plain ``saved_before`` mapping belongs to
+_FIRST_CHANGE = 2
 
 
-def register(name: str, configure: Callable[..., object], saved_before: Mapping[str, object] | None = None):
+def register(name: str, configure: Callable[..., object], saved_before: Mapping | None = None):
     """Decorator: ``@register("matris-10m", configure)`` on a function ``(**overrides) -> Backbone``.
 
     ``configure(**overrides)`` returns the backbone's config without building weights, raising
     ``ValueError`` for an unknown or out-of-range option, so a recipe is checked before any model exists.
     ``saved_before``: options whose default changed since model configs were first saved, with the value
-    they had before (MatRIS ``smooth=False``); a config saved before that change loads with them.
+    they had before (MatRIS ``smooth=False``); a config saved before that change loads with them. Either
+    ``{option: old value}`` (changed with config format 2) or ``{format: {option: old value}}``, the format
+    (``multitask.CONFIG_FORMAT``) from which on the new default holds.
     """
+    changes = dict(saved_before or {})
+    if changes and not all(isinstance(k, int) for k in changes):
+        changes = {_FIRST_CHANGE: changes}
 
     def wrap(fn: Callable[..., torch.nn.Module]):
         _BUILDERS[name] = fn
         _CONFIGS[name] = configure
-        _SAVED_BEFORE[name] = dict(saved_before or {})
+        _SAVED_BEFORE[name] = {int(k): dict(v) for k, v in changes.items()}
         return fn
 
     return wrap
@@ -55,10 +62,15 @@ def _registered(name: str) -> None:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(available())}")
 
 
-def options_saved_before(name: str) -> dict:
-    """The option values a model config saved before its backbone's defaults changed implies (see :func:`register`)."""
+def options_saved_before(name: str, saved_format: int = 1) -> dict:
+    """The option values a model config saved at ``saved_format`` (1: before any saved format, e.g. a recipe-only
+    checkpoint) implies: the old values of every default that changed after it (see :func:`register`)."""
     _registered(name)
-    return dict(_SAVED_BEFORE[name])
+    out: dict = {}
+    for changed_at, before in sorted(_SAVED_BEFORE[name].items(), reverse=True):
+        if saved_format < changed_at:
+            out.update(before)  # the oldest change's value wins: it is what that config had
+    return out
 
 
 def build_backbone(name: str, **overrides) -> Backbone:

@@ -42,8 +42,9 @@ from .layers.mlp import MLP
 from .layers.scatter import scatter_sum
 
 FORCE_MODES = ("conservative", "direct")
-# saved model configs: 2 since MatRIS became smooth by default (models.options_saved_before gives what 1 implied)
-CONFIG_FORMAT = 2
+# saved model configs: 2 since MatRIS became smooth by default, 3 since DPA4 took deepmd-kit's RMSNorm ε and attention
+# null ε (models.options_saved_before gives what an older format implied)
+CONFIG_FORMAT = 3
 
 
 @dataclass
@@ -85,6 +86,7 @@ class DatasetSpec:
 class HeadsConfig:
     per_dataset: bool = True  # one energy head per dataset; False: one shared head (references stay per dataset)
     hidden: tuple[int, ...] = (128, 128)
+    glu: bool = False  # hidden layers a ⊙ SiLU(g) of a 2×-wide linear map (deepmd-kit's DPA4 fitting net)
     output_scale: Literal["force_rms", "none"] = "force_rms"  # per-dataset head output × force RMS (EnergyHeads)
     trainable_references: bool = False
     force_mode: Literal["conservative", "direct"] = "conservative"  # "direct": forces from a vector head
@@ -121,9 +123,11 @@ class MultiTaskConfig:
         """From :meth:`to_dict`'s plain data (a checkpoint's ``meta.json``), by the one config validator."""
         out = dict(data)
         out["datasets"] = [d if isinstance(d, DatasetSpec) else DatasetSpec.from_dict(d) for d in data.get("datasets", [])]
-        if out.pop("format", 1) < CONFIG_FORMAT and "backbone" in out:
-            # saved before the backbone's defaults changed: what it left unnamed had the old defaults
-            out["backbone_options"] = {**options_saved_before(out["backbone"]), **(out.get("backbone_options") or {})}
+        saved = out.pop("format", 1)
+        if saved < CONFIG_FORMAT and "backbone" in out:
+            # saved before the backbone's defaults changed: what it left unnamed had the defaults of then
+            before = options_saved_before(out["backbone"], saved)
+            out["backbone_options"] = {**before, **(out.get("backbone_options") or {})}
         return from_dict(cls, out, "model")
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +159,7 @@ class MultiTaskModel(torch.nn.Module):
         n = len(config.datasets)
         force_rms = torch.tensor([d.force_rms for d in config.datasets], dtype=torch.float64)
         scales = clamp_to_median(force_rms, 10.0) if heads.output_scale == "force_rms" else torch.ones(n)
-        self.energy_heads = EnergyHeads(channels, heads.hidden, scales, heads.per_dataset)
+        self.energy_heads = EnergyHeads(channels, heads.hidden, scales, heads.per_dataset, heads.glu)
         self.references = ElementReferences(
             reference_table([d.element_references for d in config.datasets]), heads.trainable_references
         )

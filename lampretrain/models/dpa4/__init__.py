@@ -20,7 +20,12 @@ def _builder(name: str):
     return build
 
 
+# what model configs saved before the published (deepmd-kit) ε became the defaults implied
+SAVED_BEFORE = {3: {"rms_eps": 1e-5, "null_eps": 0.0}}
+
 for _name in SIZES:
-    register(_name, partial(configure, SIZES[_name]))(_builder(_name))
+    register(_name, partial(configure, SIZES[_name]), SAVED_BEFORE)(_builder(_name))
 
 __all__ = ["DPA4", "DPA4Config", "SIZES", "configure"]
+
+from . import deepmd  # noqa: E402,F401 - registers the deepmd-kit checkpoint format (needs the sizes above)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from ...config import override
 
@@ -35,6 +36,15 @@ class DPA4Config:
     edge_memory_mb: float = 4096.0
     focus_temperature: float = 1.0
     focus_smoothing: float = 0.02
+    # ε of the scalar RMSNorms (radial MLP, FiLM scale/shift, attention input, focus competition): deepmd-kit's 1e-7;
+    # model configs saved before 2026-12-03 had 1e-5 (models.options_saved_before)
+    rms_eps: float = 1e-7
+    null_eps: float = 1e-7  # added to the attention null mass softplus(ζ) (deepmd-kit); 0 before 2026-12-03
+    # "shared": one RMSNorm on the attention input feeds Q/K and the output gate; "split": one each, as deepmd-kit
+    attention_norms: Literal["shared", "split"] = "shared"
+    # deepmd-kit's descriptor readout d = x₀ + W₂ (W₁ᵃ x₀ ⊙ SiLU(W₁ᵍ x₀)) on the scalars, shared by every head
+    readout_ffn: bool = False
+    readout_ffn_hidden: int = 0  # 0 → 32·⌈(8/3)·C/32⌉
 
     def __post_init__(self) -> None:
         for key in ("n_blocks", "so2_layers", "n_focus", "rank"):
@@ -44,6 +54,9 @@ class DPA4Config:
             raise ValueError(f"edge_chunk: must be >= 0 (0: no chunking), got {self.edge_chunk}")
         if self.edge_memory_mb < 0:
             raise ValueError(f"edge_memory_mb: must be >= 0 (0: recompute every chunk), got {self.edge_memory_mb}")
+        for key in ("rms_eps", "null_eps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if not 1 <= self.mmax <= self.lmax:
             raise ValueError(f"mmax: needs 1 <= mmax <= lmax, got mmax={self.mmax}, lmax={self.lmax}")
 
@@ -55,6 +68,10 @@ class DPA4Config:
     def hidden_channels(self) -> int:
         """H = F·C_f, the width inside the SO(2) convolution."""
         return self.n_focus * self.focus_channels
+
+    @property
+    def readout_channels(self) -> int:
+        return self.readout_ffn_hidden or 32 * math.ceil(8 * self.channels / 3 / 32)
 
     @property
     def ffn_channels(self) -> int:

@@ -120,9 +120,11 @@ class EMFAConvolution(nn.Module):
         self.so2 = nn.ModuleList(SO2Linear(cfg.lmax, cfg.mmax, cf, f) for _ in range(cfg.so2_layers))
         self.gates = nn.ModuleList(FocusGate(cfg) for _ in range(cfg.so2_layers - 1))
         if f > 1:
-            self.focus_norm = RMSNorm(cf)
+            self.focus_norm = RMSNorm(cf, cfg.rms_eps)
             self.focus_logit = _normal(f, cf, std=0.01)
-        self.att_norm = RMSNorm(cf)
+        self.att_norm = RMSNorm(cf, cfg.rms_eps)  # Q/K (and, shared, the output gate)
+        # "split": the output gate reads its own norm (deepmd-kit's attn_output_gate_norm); scales start equal
+        self.gate_norm = RMSNorm(cf, cfg.rms_eps) if cfg.attention_norms == "split" else None
         self.query = _trunc_normal(f, cf, cf, std=1 / math.sqrt(2 * cf))
         self.key = _trunc_normal(f, cf, cf, std=1 / math.sqrt(2 * cf))
         self.radial_logit = _normal(c, f, std=0.01)
@@ -232,20 +234,22 @@ class EMFAConvolution(nn.Module):
         return x
 
     def attention(self, scalar: torch.Tensor, geo: EdgeCache, rho0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A3) w_ij = s5² e^ℓ / (softplus ζ + Σ_k s5² e^ℓ_ik) per focus (E, F), and the output gate (N, F).
+        """(A3) w_ij = s5² e^ℓ / (softplus ζ + ε + Σ_k s5² e^ℓ_ik) per focus (E, F), and the output gate (N, F).
 
         ℓ_ij = ⟨Q n(x'_i), K n(x'_j)⟩/√C_f + W^rb ρ̃_ij,0. Float32 or wider, with autocast off.
         """
         f, cf = self.cfg.n_focus, self.cfg.focus_channels
         dtype = torch.promote_types(geo.edge_env.dtype, torch.float32)
         with torch.autocast(scalar.device.type, enabled=False):
-            s = self.att_norm(scalar.to(dtype).unflatten(-1, (f, cf))).transpose(0, 1)  # (F, N, C_f)
+            x0 = scalar.to(dtype).unflatten(-1, (f, cf))
+            s = self.att_norm(x0).transpose(0, 1)  # (F, N, C_f)
+            g = s if self.gate_norm is None else self.gate_norm(x0).transpose(0, 1)
             q = torch.bmm(s, self.query.to(dtype)).index_select(1, geo.dst)
             k = torch.bmm(s, self.key.to(dtype)).index_select(1, geo.src)
             logits = (q * k).sum(-1).T / math.sqrt(cf) + rho0.to(dtype) @ self.radial_logit.to(dtype)  # (E, F)
             shift = scatter_max(logits, geo.dst, geo.n_nodes).clamp_min(0.0)  # ≥ 0 keeps the null term ≤ 1
             z = geo.edge_env.to(dtype).pow(2)[:, None] * torch.exp(logits - shift[geo.dst])
-            null = nn.functional.softplus(self.null_logit.to(dtype)) * torch.exp(-shift)  # (N, F)
+            null = (nn.functional.softplus(self.null_logit.to(dtype)) + self.cfg.null_eps) * torch.exp(-shift)  # (N, F)
             weight = z / (null + scatter_sum(z, geo.dst, geo.n_nodes))[geo.dst]
-            out_gate = torch.sigmoid((s * self.out_gate.to(dtype)[:, None, :]).sum(-1)).T  # (N, F)
+            out_gate = torch.sigmoid((g * self.out_gate.to(dtype)[:, None, :]).sum(-1)).T  # (N, F)
         return weight, out_gate

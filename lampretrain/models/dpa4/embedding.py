@@ -31,7 +31,7 @@ class RadialMLP(nn.Module):
         self.lmax = cfg.lmax
         self.net = nn.Sequential(
             nn.Linear(cfg.n_radial, c, bias=False),
-            RMSNorm(c) if cfg.radial_norm else nn.Identity(),
+            RMSNorm(c, cfg.rms_eps) if cfg.radial_norm else nn.Identity(),
             nn.SiLU(),
             nn.Linear(c, (cfg.lmax + 1) * c, bias=False),
         )
@@ -66,8 +66,8 @@ class EnvironmentSeed(nn.Module):
         )
         self.film = nn.Linear(env * self.axis_dim, 2 * c, bias=False)
         nn.init.zeros_(self.film.weight)
-        self.norm_scale = RMSNorm(c)
-        self.norm_shift = RMSNorm(c)
+        self.norm_scale = RMSNorm(c, cfg.rms_eps)
+        self.norm_shift = RMSNorm(c, cfg.rms_eps)
         self.log_strength = nn.Parameter(torch.full((2,), math.log(0.01)))
 
     def forward(self, h0: torch.Tensor, species: torch.Tensor, geo: EdgeCache) -> torch.Tensor:

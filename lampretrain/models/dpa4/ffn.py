@@ -35,3 +35,22 @@ class EquivariantFFN(nn.Module):
         swiglu = nn.functional.silu(scalar[:, : self.hidden]) * scalar[:, self.hidden :]
         v = torch.cat([v[:, :1] + swiglu[:, None], v[:, 1:]], dim=1)
         return self.down(v)
+
+
+class ScalarReadoutFFN(nn.Module):
+    """deepmd-kit's descriptor readout (``output_ffn``, l = 0 only): d = x₀ + W₂ (W₁ᵃ x₀ ⊙ SiLU(W₁ᵍ x₀)).
+
+    ``up`` stacks W₁ᵃ over W₁ᵍ (value rows, then gate rows); ``down`` starts at zero, so d = x₀ at first.
+    """
+
+    def __init__(self, cfg: DPA4Config):
+        super().__init__()
+        c, h = cfg.channels, cfg.readout_channels
+        self.up = nn.Linear(c, 2 * h, bias=False)
+        self.down = nn.Linear(h, c, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) → (N, C)."""
+        value, gate = self.up(x).chunk(2, dim=-1)
+        return x + self.down(value * nn.functional.silu(gate))

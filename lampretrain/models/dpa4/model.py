@@ -14,6 +14,7 @@ from ..backbone import NodeFeatures
 from .block import InteractionBlock
 from .config import DPA4Config
 from .embedding import EnvironmentSeed, RadialMLP, geometric_embedding
+from .ffn import ScalarReadoutFFN
 from .geometry import EdgeGeometry
 
 
@@ -36,6 +37,8 @@ class DPA4(nn.Module):
         self.radial = RadialMLP(cfg)
         self.env_seed = EnvironmentSeed(cfg) if cfg.env_seed else None
         self.blocks = nn.ModuleList(InteractionBlock(cfg) for _ in range(cfg.n_blocks))
+        # not "readout": that name is retired (checkpoints of the old single-task readout drop it)
+        self.output_ffn = ScalarReadoutFFN(cfg) if cfg.readout_ffn else None
 
     @property
     def cutoff(self) -> float:
@@ -51,13 +54,14 @@ class DPA4(nn.Module):
 
     def layers(self) -> list[nn.Module]:
         embeddings = [self.geometry, self.type_embedding, self.radial, *([self.env_seed] if self.env_seed else [])]
-        return [nn.ModuleList(embeddings), *self.blocks]
+        return [nn.ModuleList(embeddings), *self.blocks, *([self.output_ffn] if self.output_ffn is not None else [])]
 
     def node_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> NodeFeatures:
         """Degree 0 of :meth:`equivariant_features` (N, C) and degree 1 as Cartesian (x, y, z) vectors (N, 3, C)."""
         x = self.equivariant_features(batch, positions, cell)
+        scalar = x[:, 0] if self.output_ffn is None else self.output_ffn(x[:, 0])
         # packing ι(l, m) = l² + l + m puts (m = −1, 0, 1) ↦ (y, z, x) at indices 1, 2, 3
-        return NodeFeatures(x[:, 0], x[:, [3, 1, 2]])
+        return NodeFeatures(scalar, x[:, [3, 1, 2]])
 
     def equivariant_features(self, batch: GraphBatch, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Equivariant node features (N, (L+1)², C) after the last block; degree l ≥ 1 turns with D^l."""

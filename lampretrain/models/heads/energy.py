@@ -20,25 +20,37 @@ MAX_Z = 118
 
 
 class StackedMLP(torch.nn.Module):
-    """K independent MLPs (SiLU between layers) evaluated together: (N, C) → (N, K, out)."""
+    """K independent MLPs (SiLU between layers) evaluated together: (N, C) → (N, K, out).
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, n_heads: int):
+    ``glu``: every hidden layer of width H is a GLU, as deepmd-kit's DPA4 fitting net: the linear map gives 2H
+    values [a ‖ g] and the layer outputs a ⊙ SiLU(g).
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, n_heads: int, glu: bool = False):
         super().__init__()
         dims = [in_dim, *hidden, out_dim]
         self.n_heads = n_heads
+        self.glu = glu
         self.weights = torch.nn.ParameterList()
         self.biases = torch.nn.ParameterList()
-        for a, b in zip(dims[:-1], dims[1:]):
+        for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            width = 2 * b if glu and k < len(hidden) else b
             bound = 1.0 / math.sqrt(a)  # torch.nn.Linear's default range
-            self.weights.append(torch.nn.Parameter(torch.empty(n_heads, a, b).uniform_(-bound, bound)))
-            self.biases.append(torch.nn.Parameter(torch.empty(n_heads, b).uniform_(-bound, bound)))
+            self.weights.append(torch.nn.Parameter(torch.empty(n_heads, a, width).uniform_(-bound, bound)))
+            self.biases.append(torch.nn.Parameter(torch.empty(n_heads, width).uniform_(-bound, bound)))
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        if self.glu:
+            value, gate = h.chunk(2, dim=-1)
+            return value * F.silu(gate)
+        return F.silu(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w0, b0 = self.weights[0], self.biases[0]
         # first layer as one (N, C) × (C, K·H) product
         h = (x @ w0.permute(1, 0, 2).flatten(1)).unflatten(-1, (self.n_heads, -1)) + b0  # (N, K, H)
         for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = torch.einsum("nki,kio->nko", F.silu(h), w) + b
+            h = torch.einsum("nki,kio->nko", self._activation(h), w) + b
         return h
 
 
@@ -102,10 +114,12 @@ class EnergyHeads(torch.nn.Module):
     (4.7 eV/Å for the CHO molecules, 0.9 for the mlearn crystals) at initialisation.
     """
 
-    def __init__(self, channels: int, hidden: Sequence[int], scales: torch.Tensor, per_dataset: bool = True):
+    def __init__(
+        self, channels: int, hidden: Sequence[int], scales: torch.Tensor, per_dataset: bool = True, glu: bool = False
+    ):
         super().__init__()
         self.per_dataset = per_dataset
-        self.mlp = StackedMLP(channels, hidden, 1, scales.numel() if per_dataset else 1)
+        self.mlp = StackedMLP(channels, hidden, 1, scales.numel() if per_dataset else 1, glu=glu)
         self.register_buffer("scale", scales.to(torch.float32))  # (K,)
 
     def forward(self, features: torch.Tensor, atom_dataset: torch.Tensor) -> torch.Tensor:

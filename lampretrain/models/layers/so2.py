@@ -36,10 +36,12 @@ def m_part_rows(lmax: int, mmax: int) -> list[int]:
 def truncation_scale(lmax: int, mmax: int) -> torch.Tensor:
     """κ_l = √((2l+1)/(2 min(l, M)+1)) per packed degree-l coefficient ((L+1)²,) (DPA4 SM eq. 59).
 
-    Restores the per-degree norm lost by rotating back only 2 min(l, M)+1 of the 2l+1 orders.
+    Restores the per-degree norm lost by rotating back only 2 min(l, M)+1 of the 2l+1 orders. Float64, whatever the
+    default dtype: a float64 model must not carry float32-rounded constants.
     """
     return torch.tensor(
-        [math.sqrt((2 * l + 1) / (2 * min(l, mmax) + 1)) for l in range(lmax + 1) for _ in range(2 * l + 1)]
+        [math.sqrt((2 * l + 1) / (2 * min(l, mmax) + 1)) for l in range(lmax + 1) for _ in range(2 * l + 1)],
+        dtype=torch.float64,
     )
 
 

@@ -106,10 +106,3 @@ def import_checkpoint(name: str, src: str | Path, out: str | Path) -> Path:
     atomic_write_json(out / RECORD_FILE, record)
     return out
 
-
-def import_source(spec: str) -> tuple[str, Path] | None:
-    """``"matris:PATH"`` → ("matris", PATH) when ``matris`` is a registered format, else None (a plain path)."""
-    name, sep, rest = spec.partition(":")
-    if not sep or name not in formats():
-        return None
-    return name, Path(rest)

@@ -356,8 +356,10 @@ def test_benchmark_prints_our_line_and_the_peers(tmp_path, capsys, mode):
     assert "needs a periodic cell" in peer["skipped"] or peer["skipped"].startswith("not installed")
     assert list(result) == [
         "bench", "impl", "model", "n_structures", "atoms", "edges", "angles", "mode", "device", "dtype", "compile",
-        "per_structure", "threads", "malloc_mmap_threshold_mb", "params", "median_s_per_step", "atoms_per_s", "peak_rss_mb",
+        "per_structure", "options", "threads", "malloc_mmap_threshold_mb", "params", "median_s_per_step", "atoms_per_s", "peak_rss_mb",
     ]
+    # the --set overrides, and the published (non-smooth) MatRIS the official peer computes
+    assert result["options"] == {**{k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}, "smooth": False}
     batch = collate([oxide_frame(10), molecule_frame("C4H3O1")])
     assert (result["n_structures"], result["atoms"], result["edges"], result["angles"]) == (
         2, 14, batch.num_edges, batch.num_angles

@@ -40,6 +40,40 @@ def atoms_to_frame(atoms: Atoms, dataset: str = "") -> Frame:
     ).validate()
 
 
+def head_dataset(model: torch.nn.Module, dataset: str | None) -> str | None:
+    """The dataset whose head and references evaluate ``model``: ``dataset`` (checked against the model's), the
+    only one when the model has one head and none was named, None for a plain backbone (no heads to pick)."""
+    names = list(getattr(model, "dataset_names", []))
+    if not names:
+        return None
+    if dataset is None:
+        if len(names) == 1:
+            return names[0]
+        raise ConfigError(f"this model has one head per dataset; pass dataset= one of: {', '.join(names)}")
+    model.dataset_index(dataset)  # raises naming the datasets
+    return dataset
+
+
+def evaluate_frames(
+    model: torch.nn.Module,
+    frames: Sequence[Frame],
+    dataset: str | None,
+    cutoffs: tuple[float, float],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    compute_forces: bool = True,
+    compute_stress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model's outputs for ``frames`` as one batch (graphs built on the CPU with ``cutoffs``, the pair and
+    three-body cutoffs of :func:`graph_cutoffs`), on ``device``, not detached. ``compute_stress=None``: when any
+    frame is periodic."""
+    batch = collate(frames, cutoff=cutoffs[0], three_body_cutoff=cutoffs[1], dtype=dtype).to(device)
+    if compute_stress is None:
+        compute_stress = any(bool(f.pbc.any()) for f in frames)
+    kwargs: dict[str, Any] = {"dataset": dataset} if dataset is not None else {}
+    return model(batch, compute_forces=compute_forces, compute_stress=compute_stress, **kwargs)
+
+
 class Calculator(AseCalculator):
     """ASE calculator: energy, free_energy, forces, stress and, where the model has them, magmoms.
 
@@ -87,24 +121,13 @@ class Calculator(AseCalculator):
         return list(getattr(self.model, "dataset_names", []))
 
     def _check_dataset(self, dataset: str | None) -> str | None:
-        names = self.datasets
-        if not names:
-            return None
-        if dataset is None:
-            if len(names) == 1:
-                return names[0]
-            raise ConfigError(f"this model has one head per dataset; pass dataset= one of: {', '.join(names)}")
-        self.model.dataset_index(dataset)  # raises naming the datasets
-        return dataset
+        return head_dataset(self.model, dataset)
 
     def _forward(self, atoms_list: Sequence[Atoms]) -> dict[str, torch.Tensor]:
         frames = [atoms_to_frame(a) for a in atoms_list]
-        batch = collate(
-            frames, cutoff=self.cutoff, three_body_cutoff=self.three_body_cutoff, dtype=self.dtype
-        ).to(self.device)
-        periodic = any(bool(a.pbc.any()) for a in atoms_list)
-        kwargs: dict[str, Any] = {"dataset": self.dataset} if self.dataset is not None else {}
-        out = self.model(batch, compute_forces=True, compute_stress=periodic, **kwargs)
+        out = evaluate_frames(
+            self.model, frames, self.dataset, (self.cutoff, self.three_body_cutoff), self.dtype, self.device
+        )
         return {k: v.detach().cpu().double() for k, v in out.items()}
 
     def calculate_batch(self, atoms_list: Sequence[Atoms], batch_size: int = 32) -> list[dict[str, Any]]:
